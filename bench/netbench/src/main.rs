@@ -1,0 +1,5 @@
+//! netbench: link testing and link emulation.
+
+fn main() -> anyhow::Result<()> {
+    anyhow::bail!("netbench is not built yet")
+}

@@ -1,0 +1,3 @@
+//! The mistnet CNI plugin library.
+pub mod fsutil;
+pub mod node_state;

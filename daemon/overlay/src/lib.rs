@@ -1,0 +1,1 @@
+//! Sans-IO WireGuard overlay core (pure: no sockets, no clock).
