@@ -186,10 +186,7 @@ impl NodeState {
             }
         }
         if self.mtu < MIN_MTU || self.mtu > 65535 {
-            return Err(format!(
-                "mtu: {} is outside {MIN_MTU}..=65535",
-                self.mtu
-            ));
+            return Err(format!("mtu: {} is outside {MIN_MTU}..=65535", self.mtu));
         }
         if v6 == 1 && self.mtu < 1280 {
             return Err(format!("mtu: {} is below IPv6's minimum of 1280", self.mtu));
