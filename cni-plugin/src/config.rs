@@ -20,8 +20,11 @@ use crate::result::CniResult;
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 /// The newest supported version, used for errors when the config's version is unknown.
 pub const LATEST_VERSION: &str = "1.1.0";
-/// Default directory of the IPAM store.
-pub const DEFAULT_DATA_DIR: &str = "/var/lib/mistnet";
+/// Default directory of the IPAM store. It is on tmpfs on purpose: allocations must not outlive
+/// the pods they belong to, and no pod network namespace survives a reboot, so a store that
+/// vanishes at boot cannot leak addresses (host-local's classic failure). It survives restarts
+/// of the daemon and of the container runtime.
+pub const DEFAULT_DATA_DIR: &str = "/run/mistnet";
 
 /// A validated network configuration.
 #[derive(Debug, Clone)]
@@ -341,7 +344,7 @@ mod tests {
         let c = parse(r#"{"cniVersion":"1.1.0","name":"mistnet","type":"mistnet"}"#).unwrap();
         assert_eq!(c.cni_version, Version::V1_1_0);
         assert_eq!(c.node_state_file, PathBuf::from("/run/mistnet/node.json"));
-        assert_eq!(c.ipam_dir(), PathBuf::from("/var/lib/mistnet/ipam/mistnet"));
+        assert_eq!(c.ipam_dir(), PathBuf::from("/run/mistnet/ipam/mistnet"));
         assert!(c.prev_result.is_none());
     }
 

@@ -5,7 +5,8 @@
 //! IPv4 broadcast), or from `ipam.ranges` in the network config when given. `ipam.reserved`
 //! removes addresses from either.
 //!
-//! The store is one JSON document, `<dataDir>/ipam/<network>/state.json`, guarded by an
+//! The store is one JSON document, `<dataDir>/ipam/<network>/state.json` (dataDir defaults to
+//! `/run/mistnet`, see [`crate::config::DEFAULT_DATA_DIR`]), guarded by an
 //! exclusive `flock` on `lock` beside it. Every change is written to a temp file, synced and
 //! renamed over the old one, so a crash at any point leaves the old or the new state, never a
 //! torn one. Allocation is round-robin from the last address handed out, so an address just

@@ -107,6 +107,62 @@ impl Netlink {
         Ok(self.seq)
     }
 
+    /// Sends several requests in one datagram and waits for all their acknowledgements. The
+    /// kernel handles them in order; the first failure is returned (later requests may or may
+    /// not have been applied, so callers roll back the whole object on error).
+    pub fn request_batch(
+        &mut self,
+        msgs: Vec<(RouteNetlinkMessage, u16)>,
+        op: &'static str,
+    ) -> Result<(), NetlinkError> {
+        let mut out = Vec::with_capacity(512);
+        let first = self.seq.wrapping_add(1);
+        for (msg, flags) in msgs {
+            self.seq = self.seq.wrapping_add(1);
+            let mut header = NetlinkHeader::default();
+            header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+            header.sequence_number = self.seq;
+            let mut nl = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+            nl.finalize();
+            let start = out.len();
+            out.resize(start + nl.buffer_len(), 0);
+            nl.serialize(&mut out[start..]);
+        }
+        let last = self.seq;
+        let mut pending = last.wrapping_sub(first).wrapping_add(1);
+        self.socket
+            .send(&out, 0)
+            .map_err(|source| NetlinkError::Socket { op, source })?;
+        let mut failure = None;
+        while pending > 0 {
+            let n = self.recv(op)?;
+            let mut off = 0;
+            while off < n {
+                let (msg, len) = parse_one(&self.buf[off..n], op)?;
+                off += len;
+                let seq = msg.header.sequence_number;
+                if seq.wrapping_sub(first) > last.wrapping_sub(first) {
+                    continue;
+                }
+                if let NetlinkPayload::Error(e) = msg.payload {
+                    pending -= 1;
+                    if let Some(code) = e.code
+                        && failure.is_none()
+                    {
+                        failure = Some(NetlinkError::Kernel {
+                            op,
+                            source: io::Error::from_raw_os_error(-code.get()),
+                        });
+                    }
+                }
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     /// Sends a request and waits for its acknowledgement.
     pub fn request(
         &mut self,

@@ -170,44 +170,43 @@ pub fn setup(
         .link_by_name(spec.ifname)
         .map_err(nl(format!("find {} in the pod", spec.ifname)))?;
     let pod_idx = pod_link.header.index;
-    let mut up = LinkMessage::default();
-    up.header.index = pod_idx;
-    up.header.flags = LinkFlags::Up;
-    up.header.change_mask = LinkFlags::Up;
-    pod.request(RouteNetlinkMessage::SetLink(up), 0, "set link up")
-        .map_err(nl(format!("bring {} up in the pod", spec.ifname)))?;
     let pod_mac = link_mac(&pod_link).unwrap_or_default();
     let host_idx = host
         .link_by_name(spec.host_veth)
         .map_err(nl(format!("find host veth {}", spec.host_veth)))?
         .header
         .index;
+    let pod_mac_bytes = parse_mac(&pod_mac);
 
-    for ip in spec.ips {
-        pod.create(addr_msg(pod_idx, *ip), "add address")
-            .map_err(nl(format!("add {ip} in the pod")))?;
-    }
-    let pod_mac_bytes = link_mac(&pod_link).unwrap_or_default();
+    // Pod side in one batch: link up, addresses, gateway neighbours, default routes.
+    let mut up = LinkMessage::default();
+    up.header.index = pod_idx;
+    up.header.flags = LinkFlags::Up;
+    up.header.change_mask = LinkFlags::Up;
+    let mut pod_batch = vec![(RouteNetlinkMessage::SetLink(up), 0)];
     for ip in spec.ips {
         let gw = gateway_for(spec, *ip);
-        pod.request(
+        pod_batch.push((addr_msg(pod_idx, *ip), CREATE));
+        pod_batch.push((
             RouteNetlinkMessage::NewNeighbour(neigh_msg(pod_idx, gw, &HOST_VETH_MAC)),
             REPLACE,
-            "add neighbour",
-        )
-        .map_err(nl(format!("add gateway neighbour {gw} in the pod")))?;
-        pod.create(default_route(pod_idx, gw), "add route")
-            .map_err(nl(format!("add default route via {gw} in the pod")))?;
-        host.create(host_route(host_idx, *ip), "add route")
-            .map_err(nl(format!("add host route to {ip}")))?;
-        let mac = parse_mac(&pod_mac_bytes);
-        host.request(
-            RouteNetlinkMessage::NewNeighbour(neigh_msg(host_idx, *ip, &mac)),
-            REPLACE,
-            "add neighbour",
-        )
-        .map_err(nl(format!("add host neighbour {ip}")))?;
+        ));
+        pod_batch.push((default_route(pod_idx, gw), CREATE));
     }
+    pod.request_batch(pod_batch, "configure pod interface")
+        .map_err(nl(format!("configure {} in the pod", spec.ifname)))?;
+
+    // Host side in one batch: a route and a permanent neighbour per pod address.
+    let mut host_batch = Vec::with_capacity(2 * spec.ips.len());
+    for ip in spec.ips {
+        host_batch.push((host_route(host_idx, *ip), CREATE));
+        host_batch.push((
+            RouteNetlinkMessage::NewNeighbour(neigh_msg(host_idx, *ip, &pod_mac_bytes)),
+            REPLACE,
+        ));
+    }
+    host.request_batch(host_batch, "configure host routes")
+        .map_err(nl(format!("add host routes via {}", spec.host_veth)))?;
 
     if spec.ips.iter().any(IpAddr::is_ipv4) {
         write_sysctl(
@@ -226,6 +225,7 @@ pub fn setup(
 }
 
 const REPLACE: u16 = netlink_packet_core::NLM_F_CREATE | netlink_packet_core::NLM_F_REPLACE;
+const CREATE: u16 = netlink_packet_core::NLM_F_CREATE | netlink_packet_core::NLM_F_EXCL;
 
 fn gateway_for(spec: &PodSpec<'_>, ip: IpAddr) -> IpAddr {
     if ip.is_ipv4() {
