@@ -10,9 +10,9 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 bash scripts/setup.sh
-echo "== building mistnet (release)"
-cargo build --release --locked -p mistnet-cni -p mistnet-bench -q
-BIN="$PWD/target/release/mistnet"
+echo "== building mistnet (release, static)"
+out=$(bash scripts/build.sh -q | tail -1)
+BIN="$PWD/$out/mistnet"
 
 tag="demo$$"
 node="$tag-node"
@@ -81,9 +81,9 @@ cni CHECK db ",\"prevResult\":$res_db" | jq -c '{code,msg,details}' || true
 step "DEL every pod; the node is left clean"
 for c in web db cache; do cni DEL "$c"; done
 echo "  veths left: $(ip netns exec "$node" ip -o link | grep -c mist || true)"
-echo "  allocations left: $(jq '.allocations | length' "$work/data/ipam/mistnet/state.json")"
+echo "  allocations left: $(cat "$work"/data/ipam/mistnet/state-*.json | jq '.allocations | length')"
 
 step "ADD/DEL latency against the reference bridge + host-local (30 iterations each)"
-"$PWD/target/release/cni-latency" --iterations 30 --mistnet "$BIN"
+"$PWD/$out/cni-latency" --iterations 30 --mistnet "$BIN"
 
 step "done: everything the demo created has been removed"

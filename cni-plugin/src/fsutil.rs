@@ -4,9 +4,20 @@ use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::path::Path;
 
-/// Writes `data` to `path` atomically: a temp file in the same directory is written, synced and
-/// renamed over `path`, so readers see the old or the new content, never a torn file.
-pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+/// Durability of an atomic write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sync {
+    /// The data is on disk before the rename: a power loss leaves the old or the new content.
+    Data,
+    /// Only atomic against process crashes (the page cache is shared): for files that belong
+    /// to one boot and are discarded after a reboot anyway.
+    None,
+}
+
+/// Writes `data` to `path` atomically: a temp file in the same directory is written (and synced,
+/// per `sync`) and renamed over `path`, so readers see the old or the new content, never a torn
+/// file.
+pub fn write_atomic(path: &Path, data: &[u8], sync: Sync) -> io::Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -26,7 +37,9 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
             .truncate(true)
             .open(&tmp)?;
         f.write_all(data)?;
-        f.sync_data()?;
+        if sync == Sync::Data {
+            f.sync_data()?;
+        }
         fs::rename(&tmp, path)
     })();
     if result.is_err() {

@@ -5,11 +5,15 @@
 //! IPv4 broadcast), or from `ipam.ranges` in the network config when given. `ipam.reserved`
 //! removes addresses from either.
 //!
-//! The store is one JSON document, `<dataDir>/ipam/<network>/state.json` (dataDir defaults to
-//! `/run/mistnet`, see [`crate::config::DEFAULT_DATA_DIR`]), guarded by an
-//! exclusive `flock` on `lock` beside it. Every change is written to a temp file, synced and
-//! renamed over the old one, so a crash at any point leaves the old or the new state, never a
-//! torn one. Allocation is round-robin from the last address handed out, so an address just
+//! The store is one JSON document per boot, `<dataDir>/ipam/<network>/state-<boot id>.json`
+//! (dataDir defaults to `/run/mistnet`, see [`crate::config::DEFAULT_DATA_DIR`]), guarded by an
+//! exclusive `flock` on `lock` beside it. Allocations live exactly as long as the pods' network
+//! namespaces, which never survive a reboot: keying the file by the kernel's boot id makes the
+//! store reboot-volatile even where `/run` is not tmpfs, so no address leaks across reboots.
+//! Every change is written to a temp file and renamed over the old one, so a crash of the
+//! plugin at any point leaves the old or the new state, never a torn one; a power loss can only
+//! damage the file of a boot that is over, which is ignored and removed. That is also why the
+//! store needs no fsync on the ADD path. Allocation is round-robin from the last address handed out, so an address just
 //! released is not reused at once (stale conntrack entries and ARP caches die first).
 //! Allocations are keyed by (container ID, interface name) and also record the host veth and
 //! the netns path: they are the endpoint records mistnetd reconciles.
@@ -415,7 +419,21 @@ impl State {
 #[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
+    boot: String,
     _lock: File,
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`), which names the store file.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
+        .unwrap_or_else(|| "unknown-boot".to_owned())
+}
+
+fn state_path(dir: &Path, boot: &str) -> PathBuf {
+    dir.join(format!("state-{boot}.json"))
 }
 
 impl Store {
@@ -461,12 +479,13 @@ impl Store {
         }
         Ok(Self {
             dir: dir.to_owned(),
+            boot: boot_id(),
             _lock: file,
         })
     }
 
     fn state_path(&self) -> PathBuf {
-        self.dir.join("state.json")
+        state_path(&self.dir, &self.boot)
     }
 
     /// Reads the state; a missing file is an empty state.
@@ -481,21 +500,38 @@ impl Store {
         }
     }
 
-    /// Writes the state atomically.
+    /// Writes the state atomically. The first write of a boot removes the files of earlier
+    /// boots.
     pub fn save(&self, state: &State) -> Result<(), IpamError> {
         let path = self.state_path();
+        let first_of_boot = !path.exists();
         let json = serde_json::to_vec(state).map_err(|e| IpamError::Io {
             path: path.clone(),
             source: io::Error::other(e),
         })?;
-        crate::fsutil::write_atomic(&path, &json).map_err(|source| IpamError::Io { path, source })
+        crate::fsutil::write_atomic(&path, &json, crate::fsutil::Sync::None).map_err(|source| {
+            IpamError::Io {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        if first_of_boot && let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with("state") && name.ends_with(".json") && e.path() != path {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(())
     }
 }
 
 /// Reads a network's allocations without taking the lock (for mistnetd and tools: the atomic
 /// rename guarantees a consistent snapshot).
 pub fn read_snapshot(dir: &Path) -> Result<State, IpamError> {
-    let path = dir.join("state.json");
+    let path = state_path(dir, &boot_id());
     match std::fs::read(&path) {
         Ok(bytes) => {
             serde_json::from_slice(&bytes).map_err(|source| IpamError::Corrupt { path, source })
@@ -681,8 +717,26 @@ mod tests {
         store.save(&st).unwrap();
         assert_eq!(store.load().unwrap(), st);
         assert_eq!(read_snapshot(dir.path()).unwrap(), st);
-        std::fs::write(dir.path().join("state.json"), b"{garbage").unwrap();
+        std::fs::write(state_path(dir.path(), &boot_id()), b"{garbage").unwrap();
         assert!(matches!(store.load(), Err(IpamError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn files_of_earlier_boots_are_ignored_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir
+            .path()
+            .join("state-00000000-dead-beef-0000-000000000000.json");
+        // A torn file, as a power loss could leave it.
+        std::fs::write(&old, b"{\"version\":1,\"alloc").unwrap();
+        let store = Store::lock(dir.path()).unwrap();
+        assert_eq!(store.load().unwrap(), State::default());
+        let pool = Pool::new(Some(&node(&["10.244.1.0/24"])), &IpamConf::default()).unwrap();
+        let mut st = State::default();
+        st.allocate(&pool, rec("a")).unwrap();
+        store.save(&st).unwrap();
+        assert!(!old.exists());
+        assert_eq!(read_snapshot(dir.path()).unwrap(), st);
     }
 
     #[test]

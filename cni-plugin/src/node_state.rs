@@ -138,7 +138,7 @@ impl NodeState {
             reason,
         })?;
         let json = serde_json::to_vec_pretty(self).map_err(|e| werr(io::Error::other(e)))?;
-        crate::fsutil::write_atomic(path, &json).map_err(werr)?;
+        crate::fsutil::write_atomic(path, &json, crate::fsutil::Sync::Data).map_err(werr)?;
         Ok(())
     }
 

@@ -692,9 +692,9 @@ impl Node {
     }
 
     fn store_or_empty(&self) -> Value {
-        std::fs::read(self.data_dir().join("ipam/mistnet/state.json"))
-            .map(|b| serde_json::from_slice(&b).unwrap())
-            .unwrap_or_else(|_| json!({"allocations": {}}))
+        let dir = self.data_dir().join("ipam/mistnet");
+        let snapshot = mistnet_cni::ipam::read_snapshot(&dir).unwrap();
+        serde_json::to_value(snapshot).unwrap()
     }
 
     fn store(&self) -> Value {

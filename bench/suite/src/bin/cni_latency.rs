@@ -32,13 +32,19 @@ fn parse_args() -> Result<Args> {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--iterations" | "-n" => {
-                args.iterations = it.next().context("--iterations needs a value")?.parse().context("--iterations: not a number")?;
+                args.iterations = it
+                    .next()
+                    .context("--iterations needs a value")?
+                    .parse()
+                    .context("--iterations: not a number")?;
             }
             "--json" => args.json = true,
             "--mistnet" => args.mistnet = it.next().context("--mistnet needs a path")?,
             "--cni-path" => args.cni_path = it.next().context("--cni-path needs a directory")?,
             "-h" | "--help" => {
-                eprintln!("usage: cni-latency [--iterations N] [--json] [--mistnet PATH] [--cni-path DIR]");
+                eprintln!(
+                    "usage: cni-latency [--iterations N] [--json] [--mistnet PATH] [--cni-path DIR]"
+                );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other}"),
@@ -62,7 +68,10 @@ struct Ns(String);
 
 impl Ns {
     fn new(name: String) -> Result<Self> {
-        let st = Command::new("ip").args(["netns", "add", &name]).status().context("running ip")?;
+        let st = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .context("running ip")?;
         ensure!(st.success(), "ip netns add {name} failed");
         Ok(Ns(name))
     }
@@ -125,12 +134,22 @@ fn pct(v: &[Duration], p: f64) -> f64 {
 fn main() -> Result<()> {
     let args = parse_args()?;
     // SAFETY: geteuid has no preconditions.
-    ensure!(unsafe { libc::geteuid() } == 0, "cni-latency creates network namespaces: run it as root");
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "cni-latency creates network namespaces: run it as root"
+    );
     for p in ["bridge", "host-local"] {
         let path = format!("{}/{p}", args.cni_path);
-        ensure!(std::path::Path::new(&path).exists(), "{path} missing: run scripts/setup.sh");
+        ensure!(
+            std::path::Path::new(&path).exists(),
+            "{path} missing: run scripts/setup.sh"
+        );
     }
-    ensure!(std::path::Path::new(&args.mistnet).exists(), "{} missing: build with cargo build --release -p mistnet-cni", args.mistnet);
+    ensure!(
+        std::path::Path::new(&args.mistnet).exists(),
+        "{} missing: build with cargo build --release -p mistnet-cni",
+        args.mistnet
+    );
 
     let tag = format!("cb{}", std::process::id());
     let node = Ns::new(format!("{tag}-node"))?;
@@ -146,7 +165,11 @@ fn main() -> Result<()> {
     let f = std::fs::File::open(node.path())?;
     // SAFETY: setns on a namespace fd we own; the process is single-threaded here.
     let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
-    ensure!(rc == 0, "setns into the bench namespace failed: {}", std::io::Error::last_os_error());
+    ensure!(
+        rc == 0,
+        "setns into the bench namespace failed: {}",
+        std::io::Error::last_os_error()
+    );
 
     let mut plugins = [
         Plugin {
@@ -213,8 +236,16 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let mut out = std::io::stdout().lock();
-    writeln!(out, "CNI latency, {} iterations each, fresh netns per iteration (ms)", args.iterations)?;
-    writeln!(out, "{:<20} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}", "plugin", "ADD p50", "p95", "p99", "DEL p50", "p95", "p99")?;
+    writeln!(
+        out,
+        "CNI latency, {} iterations each, fresh netns per iteration (ms)",
+        args.iterations
+    )?;
+    writeln!(
+        out,
+        "{:<20} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "plugin", "ADD p50", "p95", "p99", "DEL p50", "p95", "p99"
+    )?;
     for p in [m, r] {
         writeln!(
             out,
@@ -228,7 +259,10 @@ fn main() -> Result<()> {
             pct(&p.del, 0.99)
         )?;
     }
-    writeln!(out, "ratio mistnet/reference (p50): ADD {ratio_add:.2}x  DEL {ratio_del:.2}x")?;
+    writeln!(
+        out,
+        "ratio mistnet/reference (p50): ADD {ratio_add:.2}x  DEL {ratio_del:.2}x"
+    )?;
     Ok(())
 }
 
