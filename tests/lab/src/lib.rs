@@ -1,0 +1,19 @@
+//! mistlab: an N-node mistnet edge cluster on one machine.
+//!
+//! Every node is a network namespace (`ml-<lab>-<node>`) that plays a host: it runs the real
+//! `mistnetd` and gets pods from the real `mistnet` CNI plugin, called through a conflist the
+//! way a container runtime calls it ([`cni`]). Pods are namespaces too
+//! (`ml-<lab>-<node>-<pod>`). Nodes reach each other over an underlay: one interface `wan0`
+//! per node on a shared L2 segment that lives in its own namespace (`ml-<lab>-wan`).
+//!
+//! All state of a lab lives under `/run/mistlab/<lab>/` (`lab.json` plus one directory per
+//! node with its config, keys, node state, IPAM store and daemon log). `down` works from that
+//! state and from the namespace name prefix, so it also cleans up a lab whose processes died,
+//! and it is idempotent. Namespace names are unique per lab, so labs (and tests) coexist.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod cni;
+pub mod lab;
+pub mod ns;
+
+pub use lab::{Lab, LabSpec, NodeInfo, PodInfo};
