@@ -26,6 +26,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo build (binaries the lab and integration tests run)"
+cargo build --workspace --bins --locked
 echo "== cargo test (unit + root netns integration)"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

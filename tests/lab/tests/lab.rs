@@ -1,0 +1,114 @@
+//! Root tests of the lab itself: it comes up, pods reach each other, it leaves nothing behind,
+//! and labs coexist. Needs root (CI runs as root) and the `mistnet` binary built next to this
+//! test (scripts/test.sh builds every binary first); fails, never skips, without them.
+#![allow(clippy::unwrap_used)]
+
+use mistlab::{Lab, LabSpec};
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "lab tests create network namespaces: run as root (sudo scripts/test.sh)"
+    );
+}
+
+fn spec(name: &str, nodes: usize, pods: usize) -> LabSpec {
+    require_root();
+    let spec = LabSpec::new(name, nodes, pods);
+    assert!(
+        spec.bin_dir.join("mistnet").exists(),
+        "{} has no mistnet binary: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        spec.bin_dir.display()
+    );
+    spec
+}
+
+/// Nothing of the lab is left on the machine: namespaces, state, routes in the root namespace.
+fn assert_gone(name: &str, root_routes_before: &str) {
+    let prefix = format!("ml-{name}-");
+    let left = mistlab::ns::list(&prefix);
+    assert!(left.is_empty(), "namespaces left: {left:?}");
+    assert!(!mistlab::lab::state_dir(name).exists(), "state dir left");
+    assert_eq!(
+        root_routes(),
+        root_routes_before,
+        "root namespace routes changed"
+    );
+}
+
+fn root_routes() -> String {
+    mistlab::ns::ip(&["route", "show"]).unwrap()
+        + &mistlab::ns::ip(&["-o", "link", "show"]).unwrap()
+}
+
+#[test]
+fn three_node_lab_full_pod_mesh_and_clean_down() {
+    let before = root_routes();
+    let lab = Lab::up(&spec("tmesh", 3, 2)).unwrap();
+    assert_eq!(lab.pods().len(), 6);
+    let pods = lab.pods().to_vec();
+    for a in &pods {
+        for b in &pods {
+            if a.name != b.name {
+                assert!(
+                    lab.ping(&a.name, &b.ips[0], 1).unwrap(),
+                    "{} cannot reach {} ({})\n{}",
+                    a.name,
+                    b.name,
+                    b.ips[0],
+                    lab.logs()
+                );
+            }
+        }
+    }
+    let report = lab.down().unwrap();
+    assert!(report.namespaces.len() >= 3 + 6 + 1, "{report:?}");
+    assert_gone("tmesh", &before);
+    // down is idempotent.
+    let again = Lab::down_by_name("tmesh").unwrap();
+    assert!(again.namespaces.is_empty() && !again.state_dir_removed);
+}
+
+#[test]
+fn two_labs_coexist() {
+    let a = Lab::up(&spec("tcoa", 2, 1)).unwrap();
+    let b = Lab::up(&spec("tcob", 2, 1)).unwrap();
+    // Same addresses in both labs: they are separate worlds.
+    assert_eq!(a.pods()[0].ips, b.pods()[0].ips);
+    assert!(a.ping("n1-p1", &a.pod("n2-p1").unwrap().ips[0], 1).unwrap());
+    drop(a);
+    assert!(
+        b.ping("n1-p1", &b.pod("n2-p1").unwrap().ips[0], 1).unwrap(),
+        "lab b broke when lab a went down"
+    );
+    assert!(Lab::open("tcoa").is_err());
+    b.down().unwrap();
+}
+
+#[test]
+fn down_cleans_a_half_dead_lab() {
+    let before = root_routes();
+    let lab = Lab::up(&spec("thalf", 2, 1)).unwrap();
+    lab.keep();
+    // Simulate a crash that lost part of the lab: a pod namespace vanished behind our back.
+    let lab = Lab::open("thalf").unwrap();
+    mistlab::ns::del(&lab.pod("n1-p1").unwrap().netns);
+    drop(lab);
+    let report = Lab::down_by_name("thalf").unwrap();
+    assert!(report.state_dir_removed);
+    assert_gone("thalf", &before);
+}
+
+#[test]
+fn a_second_up_with_the_same_name_is_refused() {
+    let lab = Lab::up(&spec("tdup", 1, 0)).unwrap();
+    let err = Lab::up(&spec("tdup", 1, 0)).err().unwrap();
+    assert!(format!("{err:#}").contains("already exists"), "{err:#}");
+    assert!(
+        lab.node("n1").is_ok(),
+        "the failed second up must not touch the first lab"
+    );
+    lab.down().unwrap();
+}
