@@ -64,7 +64,7 @@ fn three_node_lab_full_pod_mesh_and_clean_down() {
         }
     }
     let report = lab.down().unwrap();
-    assert!(report.namespaces.len() >= 3 + 6 + 1, "{report:?}");
+    assert_eq!(report.namespaces.len(), 3 + 6 + 1, "{report:?}");
     assert_gone("tmesh", &before);
     // down is idempotent.
     let again = Lab::down_by_name("tmesh").unwrap();
