@@ -4,8 +4,9 @@
 /// `MISTNET_CNI_LOG`: log level on stderr (`error`, `warn` (default), `info`, `debug`, `trace`).
 pub const LOG_ENV: &str = "MISTNET_CNI_LOG";
 
-/// `MISTNET_CNI_FAILPOINT`: abort the process at a named point of ADD, as a crash or a
-/// SIGKILL from the runtime would. Used by the crash-recovery tests; never set in production.
+/// `MISTNET_CNI_FAILPOINT`: `<point>` aborts the process at a named point of ADD, as a crash or
+/// a SIGKILL from the runtime would; `<point>:error` makes ADD fail there with an ordinary error
+/// instead, to test rollback. Used by the tests; never set in production.
 pub const FAILPOINT_ENV: &str = "MISTNET_CNI_FAILPOINT";
 
 /// Points of ADD where a crash can be injected.
@@ -25,10 +26,18 @@ impl Failpoint {
         }
     }
 
-    /// Aborts the process if this failpoint is armed.
-    pub fn hit(self) {
-        if std::env::var(FAILPOINT_ENV).is_ok_and(|v| v == self.name()) {
+    /// Aborts the process if this failpoint is armed to crash; returns an error if it is armed
+    /// to fail.
+    pub fn hit(self) -> std::io::Result<()> {
+        let Ok(v) = std::env::var(FAILPOINT_ENV) else {
+            return Ok(());
+        };
+        if v == self.name() {
             std::process::abort();
         }
+        if v.strip_suffix(":error") == Some(self.name()) {
+            return Err(std::io::Error::other(format!("failpoint {v}")));
+        }
+        Ok(())
     }
 }

@@ -186,7 +186,10 @@ fn cmd_add(env: &CniEnv, stdin: &[u8]) -> Result<String, CniError> {
         ips
     };
     debug!(container = cid, ?ips, "allocated");
-    Failpoint::AfterAlloc.hit();
+    if let Err(e) = Failpoint::AfterAlloc.hit() {
+        release(&conf, cid, ifname);
+        return Err(io_err("injected failure", &e));
+    }
 
     let spec = PodSpec {
         ifname,
@@ -205,7 +208,9 @@ fn cmd_add(env: &CniEnv, stdin: &[u8]) -> Result<String, CniError> {
             }
             let code = match &e {
                 PodError::Exists { .. } => Code::AlreadyExists,
-                PodError::Netlink { .. } | PodError::Sysctl { .. } => Code::IoFailure,
+                PodError::Netlink { .. } | PodError::Sysctl { .. } | PodError::Injected(_) => {
+                    Code::IoFailure
+                }
             };
             CniError::with_source(code, "cannot set up the pod network", &e)
         })

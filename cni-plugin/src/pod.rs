@@ -54,6 +54,8 @@ pub enum PodError {
         #[source]
         source: NetlinkError,
     },
+    #[error("injected failure (tests)")]
+    Injected(#[source] std::io::Error),
     #[error("cannot write sysctl {path}")]
     Sysctl {
         path: String,
@@ -165,7 +167,9 @@ pub fn setup(
             }
         })?;
 
-    crate::debugknobs::Failpoint::AfterVeth.hit();
+    crate::debugknobs::Failpoint::AfterVeth
+        .hit()
+        .map_err(PodError::Injected)?;
     let pod_link = pod
         .link_by_name(spec.ifname)
         .map_err(nl(format!("find {} in the pod", spec.ifname)))?;

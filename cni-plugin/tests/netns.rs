@@ -356,6 +356,42 @@ fn add_killed_midway_is_cleaned_by_del() {
 }
 
 #[test]
+fn failed_add_leaves_nothing_behind() {
+    let node = Node::new("rollback", &["10.244.14.0/24", "fd00:244:14::/80"]);
+    let links_before = node.sh("ip -o link");
+    for (i, fp) in ["after-alloc:error", "after-veth:error"].iter().enumerate() {
+        let pod = node.pod(&format!("p{i}"));
+        let (code, out) = node.cni_raw(
+            "ADD",
+            &format!("rb{i}"),
+            &pod.path(),
+            "eth0",
+            &node.conf("1.1.0"),
+            &[("MISTNET_CNI_FAILPOINT", fp)],
+        );
+        assert_eq!((code, out["code"].as_u64()), (1, Some(5)), "{fp}: {out}");
+        assert_eq!(
+            node.sh("ip -o link"),
+            links_before,
+            "{fp}: veth left behind"
+        );
+        assert!(
+            node.store()["allocations"].as_object().unwrap().is_empty(),
+            "{fp}: allocation left"
+        );
+        assert_eq!(
+            pod.sh("ip -o link").lines().count(),
+            1,
+            "{fp}: pod end left behind"
+        );
+        // The same attachment can be added for real afterwards.
+        node.cni_ok("ADD", &format!("rb{i}"), &pod, "eth0", &node.conf("1.1.0"));
+        node.cni_ok("DEL", &format!("rb{i}"), &pod, "eth0", &node.conf("1.1.0"));
+    }
+    node.assert_clean();
+}
+
+#[test]
 fn add_killed_midway_is_cleaned_by_gc() {
     let node = Node::new("killgc", &["10.244.10.0/24"]);
     let keep = node.pod("keep");
