@@ -329,6 +329,52 @@ impl Netlink {
         }
     }
 
+    /// Sets a link's MTU and brings it up.
+    pub fn set_link_up(&mut self, index: u32, mtu: Option<u32>) -> Result<(), NetlinkError> {
+        let mut req = LinkMessage::default();
+        req.header.index = index;
+        req.header.flags = netlink_packet_route::link::LinkFlags::Up;
+        req.header.change_mask = netlink_packet_route::link::LinkFlags::Up;
+        if let Some(mtu) = mtu {
+            req.attributes.push(LinkAttribute::Mtu(mtu));
+        }
+        self.request(RouteNetlinkMessage::SetLink(req), 0, "set link")
+    }
+
+    /// Adds an address to a link; an existing identical address is success.
+    pub fn add_address(&mut self, index: u32, ip: IpAddr, prefix: u8) -> Result<(), NetlinkError> {
+        let mut m = AddressMessage::default();
+        m.header.family = family(ip);
+        m.header.prefix_len = prefix;
+        m.header.index = index;
+        if ip.is_ipv4() {
+            m.attributes.push(AddressAttribute::Local(ip));
+        }
+        m.attributes.push(AddressAttribute::Address(ip));
+        match self.create(RouteNetlinkMessage::NewAddress(m), "add address") {
+            Err(e) if e.is_exists() => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Adds or replaces a device route `dst dev <index>` in the main table.
+    pub fn replace_route(&mut self, dst: ipnet::IpNet, index: u32) -> Result<(), NetlinkError> {
+        let msg = device_route(dst, index);
+        self.request(
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | netlink_packet_core::NLM_F_REPLACE,
+            "replace route",
+        )
+    }
+
+    /// Deletes a device route; a missing route is success.
+    pub fn delete_route(&mut self, dst: ipnet::IpNet, index: u32) -> Result<(), NetlinkError> {
+        match self.request(RouteNetlinkMessage::DelRoute(device_route(dst, index)), 0, "delete route") {
+            Err(e) if e.is_not_found() => Ok(()),
+            other => other,
+        }
+    }
+
     /// All addresses on a link.
     pub fn addresses(&mut self, index: u32) -> Result<Vec<(IpAddr, u8)>, NetlinkError> {
         let msgs = self.dump(
@@ -390,6 +436,28 @@ impl Netlink {
         }
         Ok(out)
     }
+}
+
+fn family(ip: IpAddr) -> netlink_packet_route::AddressFamily {
+    if ip.is_ipv4() {
+        netlink_packet_route::AddressFamily::Inet
+    } else {
+        netlink_packet_route::AddressFamily::Inet6
+    }
+}
+
+fn device_route(dst: ipnet::IpNet, index: u32) -> RouteMessage {
+    use netlink_packet_route::route::{RouteHeader, RouteProtocol, RouteScope, RouteType};
+    let mut r = RouteMessage::default();
+    r.header.address_family = family(dst.addr());
+    r.header.destination_prefix_length = dst.prefix_len();
+    r.header.table = RouteHeader::RT_TABLE_MAIN;
+    r.header.protocol = RouteProtocol::Static;
+    r.header.scope = RouteScope::Link;
+    r.header.kind = RouteType::Unicast;
+    r.attributes.push(RouteAttribute::Destination(to_route_addr(dst.network())));
+    r.attributes.push(RouteAttribute::Oif(index));
+    r
 }
 
 /// A route as read back from the kernel.

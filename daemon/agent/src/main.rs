@@ -1,5 +1,363 @@
-//! mistnetd: the mistnet node agent (I/O shell).
+//! mistnetd: the mistnet node agent.
+//!
+//! `run` brings up the overlay interface (`mist0`), its addresses and a route per remote pod
+//! CIDR, writes the node state file the CNI plugin reads, and runs the WireGuard dataplane
+//! (see `dataplane`). SIGHUP reloads peers without dropping sessions; SIGTERM/SIGINT remove the
+//! routes and the device (pods' veths are left alone, and so is the node state file, so pods
+//! keep being created while the daemon restarts).
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("mistnetd is not built yet")
+mod api;
+mod config;
+mod dataplane;
+mod keys;
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use ipnet::IpNet;
+use mistnet_cni::netlink::Netlink;
+use mistnet_cni::node_state::NodeState;
+use mistnet_overlay::{Node, PeerConfig};
+use tracing::{info, warn};
+
+use crate::config::{Config, Mtu};
+
+#[derive(Parser)]
+#[command(
+    name = "mistnetd",
+    version,
+    about = "mistnet node agent: userspace WireGuard overlay"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the node agent.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Write a new private key (mode 0600) and print its public key.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the public key of a private key file.
+    Pubkey {
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Show peers, endpoints, handshakes and counters of a running daemon.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MISTNETD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match dispatch(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match cli.cmd {
+        Cmd::Run { config } => run(&config),
+        Cmd::Keygen { out: path } => {
+            let k = keys::generate()?;
+            keys::write_new(&path, &k)?;
+            writeln!(out, "{}", keys::encode(&keys::public(&k)))?;
+            Ok(())
+        }
+        Cmd::Pubkey { key } => {
+            let k = keys::read(&key)?;
+            writeln!(out, "{}", keys::encode(&keys::public(&k)))?;
+            Ok(())
+        }
+        Cmd::Status { json, socket } => {
+            let doc = api::fetch(&socket)?;
+            if json {
+                writeln!(out, "{doc:#}")?;
+            } else {
+                print_status(&mut out, &doc)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_status(out: &mut impl Write, doc: &serde_json::Value) -> Result<()> {
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+    writeln!(
+        out,
+        "node {}  key {}  {} mtu {}  port {}",
+        s(&doc["node"]),
+        s(&doc["publicKey"]),
+        s(&doc["interface"]),
+        doc["mtu"],
+        doc["listenPort"]
+    )?;
+    writeln!(
+        out,
+        "{:<10} {:<22} {:<12} {:>12} {:>12} {:>8}",
+        "peer", "endpoint", "handshake", "rx bytes", "tx bytes", "spoofed"
+    )?;
+    for p in doc["peers"].as_array().into_iter().flatten() {
+        let hs = p["latestHandshakeSecondsAgo"]
+            .as_u64()
+            .map_or("never".to_owned(), |s| format!("{s}s ago"));
+        let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0).to_string();
+        writeln!(
+            out,
+            "{:<10} {:<22} {:<12} {:>12} {:>12} {:>8}",
+            s(&p["name"]),
+            s(&p["endpoint"]),
+            hs,
+            n(&p["rxBytes"]),
+            n(&p["txBytes"]),
+            n(&p["spoofedDrops"])
+        )?;
+    }
+    Ok(())
+}
+
+/// Blocks the signals the main thread waits for, so worker threads never receive them.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: plain sigset manipulation on a zeroed set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn run(config_path: &Path) -> Result<()> {
+    let sigset = block_signals();
+    let config = Config::load(config_path)?;
+    let private = keys::load_or_create(&config.private_key_file)?;
+    let public = keys::encode(&keys::public(&private));
+    let mtu = match config.mtu {
+        Mtu::Fixed(m) => m,
+        Mtu::Auto => {
+            let v6 = config
+                .peers
+                .iter()
+                .any(|p| p.endpoints.iter().any(|e| e.is_ipv6()));
+            let overhead = if v6 {
+                config::OVERHEAD_V6
+            } else {
+                config::OVERHEAD_V4
+            };
+            underlay_mtu(&config.underlay_interfaces).saturating_sub(overhead)
+        }
+    };
+    info!(node = %config.node_name, public_key = %public, mtu, "starting");
+
+    let tun = tun_rs::DeviceBuilder::new()
+        .name(config.interface.clone())
+        .mtu(u16::try_from(mtu).context("mtu")?)
+        .build_sync()
+        .with_context(|| format!("creating TUN device {}", config.interface))?;
+    let mut nl = Netlink::open().context("opening netlink")?;
+    let index = nl
+        .link_by_name(&config.interface)
+        .with_context(|| format!("finding {}", config.interface))?
+        .header
+        .index;
+    nl.set_link_up(index, Some(mtu))
+        .context("bringing the overlay device up")?;
+    for a in &config.tunnel_addresses {
+        let prefix = if a.is_ipv4() { 32 } else { 128 };
+        nl.add_address(index, *a, prefix)
+            .with_context(|| format!("adding {a} to {}", config.interface))?;
+    }
+    let mut routes = BTreeSet::new();
+    apply_routes(&mut nl, index, &config, &mut routes)?;
+    enable_forwarding(&config);
+
+    let sock = dataplane::bind_udp(config.listen_port)?;
+    let mut node = Node::new(private, Instant::now());
+    for p in &config.peers {
+        node.upsert_peer(p.name.clone(), peer_config(p));
+    }
+    let shared = Arc::new(dataplane::Shared {
+        node: Mutex::new(node),
+        sock,
+        tun,
+        stopping: false.into(),
+    });
+    let facts = Arc::new(RwLock::new(api::NodeFacts {
+        config: config.clone(),
+        mtu,
+        public_key: public,
+    }));
+    api::serve(&config.api_socket, shared.clone(), facts.clone())?;
+    dataplane::spawn(&shared, config.workers)?;
+
+    NodeState::new(config.node_name.clone(), config.pod_cidrs.clone(), mtu)
+        .store(&config.node_state_file)
+        .context("writing the node state file")?;
+    info!(peers = config.peers.len(), "ready");
+
+    loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: sigwait on the set blocked above.
+        let rc = unsafe { libc::sigwait(&sigset, &mut sig) };
+        if rc != 0 {
+            continue;
+        }
+        if sig == libc::SIGHUP {
+            match reload(config_path, &shared, &facts, &mut nl, index, &mut routes) {
+                Ok(n) => info!(peers = n, "reloaded"),
+                Err(e) => warn!("reload failed, keeping the running config: {e:#}"),
+            }
+            continue;
+        }
+        info!(signal = sig, "stopping");
+        shared.stopping.store(true, Ordering::Relaxed);
+        for r in &routes {
+            let _ = nl.delete_route(*r, index);
+        }
+        let _ = nl.delete_link(index);
+        let _ = std::fs::remove_file(&config.api_socket);
+        return Ok(());
+    }
+}
+
+fn peer_config(p: &config::PeerConf) -> PeerConfig {
+    PeerConfig {
+        public_key: p.public_key,
+        endpoint: p.endpoints.first().copied(),
+        allowed_ips: p.pod_cidrs.clone(),
+        persistent_keepalive: p.persistent_keepalive,
+    }
+}
+
+/// Makes the routes through the overlay device match the config: one per remote pod CIDR.
+fn apply_routes(
+    nl: &mut Netlink,
+    index: u32,
+    config: &Config,
+    installed: &mut BTreeSet<IpNet>,
+) -> Result<()> {
+    let wanted: BTreeSet<IpNet> = config
+        .peers
+        .iter()
+        .flat_map(|p| p.pod_cidrs.iter().copied())
+        .collect();
+    for r in installed.difference(&wanted) {
+        nl.delete_route(*r, index)
+            .with_context(|| format!("removing route {r}"))?;
+    }
+    for r in wanted.difference(installed) {
+        nl.replace_route(*r, index)
+            .with_context(|| format!("adding route {r}"))?;
+    }
+    *installed = wanted;
+    Ok(())
+}
+
+fn reload(
+    path: &Path,
+    shared: &dataplane::Shared,
+    facts: &RwLock<api::NodeFacts>,
+    nl: &mut Netlink,
+    index: u32,
+    routes: &mut BTreeSet<IpNet>,
+) -> Result<usize> {
+    let new = Config::load(path)?;
+    let old = facts
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .config
+        .clone();
+    if new.node_name != old.node_name
+        || new.pod_cidrs != old.pod_cidrs
+        || new.listen_port != old.listen_port
+    {
+        bail!("node_name, pod_cidrs and listen_port need a restart");
+    }
+    {
+        let mut node = shared.node();
+        let keep: BTreeSet<&str> = new.peers.iter().map(|p| p.name.as_str()).collect();
+        let gone: Vec<String> = node
+            .peer_ids()
+            .filter(|id| !keep.contains(id.as_str()))
+            .cloned()
+            .collect();
+        for id in gone {
+            node.remove_peer(&id);
+        }
+        for p in &new.peers {
+            node.upsert_peer(p.name.clone(), peer_config(p));
+        }
+    }
+    apply_routes(nl, index, &new, routes)?;
+    let n = new.peers.len();
+    facts
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .config = new;
+    Ok(n)
+}
+
+/// The smallest MTU of the underlay interfaces (or of the default route's interface).
+fn underlay_mtu(interfaces: &[String]) -> u32 {
+    let mut names = interfaces.to_vec();
+    if names.is_empty()
+        && let Ok(routes) = std::fs::read_to_string("/proc/net/route")
+    {
+        names.extend(
+            routes
+                .lines()
+                .skip(1)
+                .filter(|l| l.split_whitespace().nth(1) == Some("00000000"))
+                .filter_map(|l| l.split_whitespace().next().map(str::to_owned)),
+        );
+    }
+    names
+        .iter()
+        .filter_map(|n| std::fs::read_to_string(format!("/sys/class/net/{n}/mtu")).ok())
+        .filter_map(|s| s.trim().parse::<u32>().ok())
+        .min()
+        .unwrap_or(1500)
+}
+
+fn enable_forwarding(config: &Config) {
+    let mut knobs = vec!["/proc/sys/net/ipv4/ip_forward"];
+    if config.pod_cidrs.iter().any(|n| n.addr().is_ipv6()) {
+        knobs.push("/proc/sys/net/ipv6/conf/all/forwarding");
+    }
+    for k in knobs {
+        if let Err(e) = std::fs::write(k, "1") {
+            warn!(knob = k, error = %e, "cannot enable forwarding");
+        }
+    }
 }

@@ -41,7 +41,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 pub use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::IpNet;
-use tracing::{debug, info, trace};
+use tracing::{debug, trace};
 
 /// How often every peer's WireGuard timers must be updated.
 pub const TIMER_TICK: Duration = Duration::from_millis(250);
@@ -355,7 +355,7 @@ impl<P: Ord + Clone + std::fmt::Debug> Node<P> {
         }
         if authenticated && !peer.up && peer.tunn.time_since_last_handshake().is_some() {
             peer.up = true;
-            info!(peer = ?id, "peer up");
+            debug!(peer = ?id, "peer up");
             self.events.push_back(Event::PeerUp(id.clone()));
         }
         match result {
@@ -438,7 +438,7 @@ impl<P: Ord + Clone + std::fmt::Debug> Node<P> {
                 TunnResult::Err(WireGuardError::ConnectionExpired) => {
                     if peer.up {
                         peer.up = false;
-                        info!(peer = ?id, "peer down: session expired");
+                        debug!(peer = ?id, "peer down: session expired");
                         self.events.push_back(Event::PeerDown(id.clone()));
                     }
                 }
