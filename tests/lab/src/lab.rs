@@ -23,6 +23,8 @@ pub const UNDERLAY_MTU: u32 = 1500;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Overlay {
+    /// mistnetd on every node: the userspace WireGuard overlay.
+    Mistnet,
     /// Plain routes over the underlay, no tunnel (the baseline).
     Routed,
 }
@@ -49,7 +51,7 @@ impl LabSpec {
             nodes,
             pods_per_node,
             dual_stack: false,
-            overlay: Overlay::Routed,
+            overlay: Overlay::Mistnet,
             bin_dir: default_bin_dir(),
         }
     }
@@ -79,6 +81,8 @@ pub struct NodeInfo {
     pub dir: PathBuf,
     #[serde(default)]
     pub daemon_pid: Option<u32>,
+    #[serde(default)]
+    pub public_key: Option<String>,
 }
 
 /// A pod of the lab.
@@ -198,7 +202,19 @@ impl Lab {
             self.state.nodes.push(node);
             self.save()?;
         }
-        self.install_routes()?;
+        match spec.overlay {
+            Overlay::Routed => self.install_routes()?,
+            Overlay::Mistnet => {
+                self.write_daemon_configs()?;
+                for n in 0..self.state.nodes.len() {
+                    self.start_daemon(n)?;
+                }
+                self.save()?;
+                for n in 0..self.state.nodes.len() {
+                    self.wait_ready(n)?;
+                }
+            }
+        }
         for n in 0..self.state.nodes.len() {
             for p in 1..=spec.pods_per_node {
                 let node = self.state.nodes[n].name.clone();
@@ -256,10 +272,12 @@ impl Lab {
         if dual_stack {
             pod_cidrs.push(format!("fd00:10:244:{i:x}::/80"));
         }
-        // Without an overlay daemon the lab publishes the node state itself.
-        let node_state =
-            json!({"version": 1, "nodeName": name, "podCidrs": pod_cidrs, "mtu": UNDERLAY_MTU});
-        std::fs::write(dir.join("node.json"), node_state.to_string())?;
+        if self.state.overlay == Overlay::Routed {
+            // Without an overlay daemon the lab publishes the node state itself.
+            let node_state =
+                json!({"version": 1, "nodeName": name, "podCidrs": pod_cidrs, "mtu": UNDERLAY_MTU});
+            std::fs::write(dir.join("node.json"), node_state.to_string())?;
+        }
         let conflist = json!({
             "cniVersion": "1.1.0",
             "name": "mistnet",
@@ -275,6 +293,25 @@ impl Lab {
             serde_json::to_vec_pretty(&conflist)?,
         )?;
         debug!(node = %name, %underlay, "node up");
+        let public_key = if self.state.overlay == Overlay::Mistnet {
+            let key = dir.join("private.key");
+            let bin = self.state.bin_dir.join("mistnetd");
+            let out = crate::ns::run(
+                std::process::Command::new(&bin)
+                    .arg("keygen")
+                    .arg("--out")
+                    .arg(&key),
+            )
+            .with_context(|| {
+                format!(
+                    "{} keygen (build it: cargo build -p mistnet-agent)",
+                    bin.display()
+                )
+            })?;
+            Some(out.trim().to_owned())
+        } else {
+            None
+        };
         Ok(NodeInfo {
             name,
             netns,
@@ -282,11 +319,160 @@ impl Lab {
             pod_cidrs,
             dir,
             daemon_pid: None,
+            public_key,
         })
+    }
+
+    /// Writes every node's mistnetd config: all other nodes are its peers.
+    fn write_daemon_configs(&self) -> Result<()> {
+        for n in &self.state.nodes {
+            let mut t = String::new();
+            t.push_str(&format!("node_name = \"{}\"\n", n.name));
+            t.push_str(&format!(
+                "private_key_file = \"{}\"\n",
+                n.dir.join("private.key").display()
+            ));
+            t.push_str(&format!("pod_cidrs = {:?}\n", n.pod_cidrs));
+            t.push_str("underlay_interfaces = [\"wan0\"]\n");
+            t.push_str(&format!(
+                "node_state_file = \"{}\"\n",
+                n.dir.join("node.json").display()
+            ));
+            t.push_str(&format!(
+                "api_socket = \"{}\"\n",
+                n.dir.join("mistnetd.sock").display()
+            ));
+            for p in &self.state.nodes {
+                if p.name == n.name {
+                    continue;
+                }
+                t.push_str("\n[[peers]]\n");
+                t.push_str(&format!("name = \"{}\"\n", p.name));
+                t.push_str(&format!(
+                    "public_key = \"{}\"\n",
+                    p.public_key.as_deref().unwrap_or_default()
+                ));
+                t.push_str(&format!("endpoints = [\"{}:51820\"]\n", p.underlay));
+                t.push_str(&format!("pod_cidrs = {:?}\n", p.pod_cidrs));
+                t.push_str("persistent_keepalive = 10\n");
+            }
+            std::fs::write(n.dir.join("mistnetd.toml"), t)?;
+        }
+        Ok(())
+    }
+
+    /// Starts (or restarts) a node's mistnetd; its log goes to `<node dir>/mistnetd.log`.
+    pub fn start_daemon(&mut self, n: usize) -> Result<u32> {
+        let node = &self.state.nodes[n];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.dir.join("mistnetd.log"))?;
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &node.netns])
+            .arg(self.state.bin_dir.join("mistnetd"))
+            .arg("run")
+            .arg("--config")
+            .arg(node.dir.join("mistnetd.toml"))
+            .env(
+                "MISTNETD_LOG",
+                std::env::var("MISTNETD_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting mistnetd on {}", node.name))?;
+        // `ip netns exec` execs the daemon, so the child is the daemon itself. A thread reaps
+        // it so a daemon that exits never lingers as a zombie.
+        let pid = child.id();
+        std::thread::spawn(move || {
+            let mut child = child;
+            let _ = child.wait();
+        });
+        self.state.nodes[n].daemon_pid = Some(pid);
+        self.save()?;
+        Ok(pid)
+    }
+
+    /// Stops a node's mistnetd (SIGTERM, then SIGKILL).
+    pub fn stop_daemon(&mut self, node: &str) -> Result<()> {
+        let i = self.node_index(node)?;
+        if let Some(pid) = self.state.nodes[i].daemon_pid.take() {
+            stop_process(pid, &self.state.name);
+        }
+        self.save()
+    }
+
+    /// Kills a node's mistnetd hard, as a crash would (no cleanup).
+    pub fn kill_daemon(&mut self, node: &str) -> Result<()> {
+        let i = self.node_index(node)?;
+        if let Some(pid) = self.state.nodes[i].daemon_pid
+            && let Ok(pid_i) = i32::try_from(pid)
+        {
+            // SAFETY: a pid this lab started and recorded.
+            unsafe { libc::kill(pid_i, libc::SIGKILL) };
+            for _ in 0..100 {
+                if !process_alive(pid) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        Ok(())
+    }
+
+    /// Restarts a node's mistnetd and waits until it is ready.
+    pub fn restart_daemon(&mut self, node: &str) -> Result<()> {
+        let i = self.node_index(node)?;
+        self.stop_daemon(node)?;
+        let _ = std::fs::remove_file(self.state.nodes[i].dir.join("mistnetd.sock"));
+        self.start_daemon(i)?;
+        self.wait_ready(i)
+    }
+
+    fn node_index(&self, node: &str) -> Result<usize> {
+        self.state
+            .nodes
+            .iter()
+            .position(|n| n.name == node)
+            .with_context(|| format!("no node {node}"))
+    }
+
+    /// Waits until a node's daemon answers on its API socket.
+    fn wait_ready(&self, n: usize) -> Result<()> {
+        let node = &self.state.nodes[n];
+        let sock = node.dir.join("mistnetd.sock");
+        for _ in 0..250 {
+            if std::os::unix::net::UnixStream::connect(&sock).is_ok()
+                && node.dir.join("node.json").exists()
+            {
+                return Ok(());
+            }
+            if let Some(pid) = node.daemon_pid
+                && !process_alive(pid)
+            {
+                bail!("mistnetd on {} exited during start-up", node.name);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        bail!("mistnetd on {} not ready after 5 s", node.name)
+    }
+
+    /// A node's `mistnetd status --json` document.
+    pub fn daemon_status(&self, node: &str) -> Result<Value> {
+        let n = self.node(node)?;
+        let mut conn = std::os::unix::net::UnixStream::connect(n.dir.join("mistnetd.sock"))
+            .with_context(|| format!("mistnetd on {node} is not answering"))?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut conn, &mut text)?;
+        Ok(serde_json::from_str(&text)?)
     }
 
     fn install_routes(&self) -> Result<()> {
         match self.state.overlay {
+            Overlay::Mistnet => {}
             Overlay::Routed => {
                 for a in &self.state.nodes {
                     for b in &self.state.nodes {
@@ -492,8 +678,14 @@ impl Lab {
             .iter()
             .map(|n| {
                 let alive = n.daemon_pid.map(process_alive);
+                let peers = self
+                    .daemon_status(&n.name)
+                    .ok()
+                    .map(|d| d["peers"].clone())
+                    .unwrap_or(Value::Null);
                 json!({"name": n.name, "netns": n.netns, "underlay": n.underlay.to_string(),
-                       "podCidrs": n.pod_cidrs, "daemonPid": n.daemon_pid, "daemonAlive": alive})
+                       "podCidrs": n.pod_cidrs, "daemonPid": n.daemon_pid, "daemonAlive": alive,
+                       "peers": peers})
             })
             .collect();
         let pods: Vec<Value> = self

@@ -112,3 +112,27 @@ fn a_second_up_with_the_same_name_is_refused() {
     );
     lab.down().unwrap();
 }
+
+#[test]
+fn killed_daemon_is_reported_and_down_still_cleans_up() {
+    let before = root_routes();
+    let mut lab = Lab::up(&spec("tkill", 2, 1)).unwrap();
+    let status = lab.status();
+    assert_eq!(status["nodes"][0]["daemonAlive"], true, "{status:#}");
+    assert_eq!(status["nodes"][0]["peers"][0]["name"], "n2", "{status:#}");
+    lab.kill_daemon("n1").unwrap();
+    let status = lab.status();
+    assert_eq!(status["nodes"][0]["daemonAlive"], false, "{status:#}");
+    assert_eq!(status["nodes"][1]["daemonAlive"], true, "{status:#}");
+    lab.keep();
+    let report = Lab::down_by_name("tkill").unwrap();
+    assert_eq!(
+        report.processes.len(),
+        1,
+        "only the live daemon needed stopping: {report:?}"
+    );
+    assert_gone("tkill", &before);
+    assert!(!mistlab::lab::process_alive(
+        status["nodes"][1]["daemonPid"].as_u64().unwrap() as u32
+    ));
+}
