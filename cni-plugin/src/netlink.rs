@@ -369,7 +369,11 @@ impl Netlink {
 
     /// Deletes a device route; a missing route is success.
     pub fn delete_route(&mut self, dst: ipnet::IpNet, index: u32) -> Result<(), NetlinkError> {
-        match self.request(RouteNetlinkMessage::DelRoute(device_route(dst, index)), 0, "delete route") {
+        match self.request(
+            RouteNetlinkMessage::DelRoute(device_route(dst, index)),
+            0,
+            "delete route",
+        ) {
             Err(e) if e.is_not_found() => Ok(()),
             other => other,
         }
@@ -455,7 +459,8 @@ fn device_route(dst: ipnet::IpNet, index: u32) -> RouteMessage {
     r.header.protocol = RouteProtocol::Static;
     r.header.scope = RouteScope::Link;
     r.header.kind = RouteType::Unicast;
-    r.attributes.push(RouteAttribute::Destination(to_route_addr(dst.network())));
+    r.attributes
+        .push(RouteAttribute::Destination(to_route_addr(dst.network())));
     r.attributes.push(RouteAttribute::Oif(index));
     r
 }

@@ -290,15 +290,17 @@ fn interop_with_wireguard_go() {
         .unwrap()
         .trim()
         .to_owned();
+    // The UAPI socket path (/var/run/wireguard/<dev>.sock) is machine-wide: a unique name.
+    let dev = format!("wgi{}", std::process::id() % 100_000);
     let wgd = Bg::spawn({
-        let mut c = ns::command(&wg_ns, &["wireguard-go", "-f", "wg0"]);
+        let mut c = ns::command(&wg_ns, &["wireguard-go", "-f", &dev]);
         c.env("WG_PROCESS_FOREGROUND", "1");
         c
     });
     let mut tries = 0;
     while !ns::exec(&wg_ns, &["ip", "-o", "link"])
         .unwrap()
-        .contains("wg0")
+        .contains(dev.as_str())
     {
         tries += 1;
         assert!(tries < 100, "wireguard-go did not create wg0");
@@ -312,7 +314,7 @@ fn interop_with_wireguard_go() {
         &[
             "wg",
             "set",
-            "wg0",
+            &dev,
             "private-key",
             keyfile.path().to_str().unwrap(),
             "listen-port",
@@ -328,13 +330,13 @@ fn interop_with_wireguard_go() {
     .unwrap();
     ns::exec(
         &wg_ns,
-        &["ip", "addr", "add", "10.244.200.1/32", "dev", "wg0"],
+        &["ip", "addr", "add", "10.244.200.1/32", "dev", &dev],
     )
     .unwrap();
-    ns::exec(&wg_ns, &["ip", "link", "set", "wg0", "up"]).unwrap();
+    ns::exec(&wg_ns, &["ip", "link", "set", &dev, "up"]).unwrap();
     ns::exec(
         &wg_ns,
-        &["ip", "route", "add", "10.244.1.0/24", "dev", "wg0"],
+        &["ip", "route", "add", "10.244.1.0/24", "dev", &dev],
     )
     .unwrap();
     // The mistnet side learns the stock peer through its config and a SIGHUP reload.
@@ -373,6 +375,7 @@ fn interop_with_wireguard_go() {
     assert!(peer["latestHandshakeSecondsAgo"].is_u64(), "{st:#}");
     drop(wgd);
     ns::del(&wg_ns);
+    let _ = std::fs::remove_file(format!("/var/run/wireguard/{dev}.sock"));
 }
 
 /// A background process killed (and reaped) on drop.
