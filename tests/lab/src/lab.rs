@@ -1,5 +1,6 @@
 //! Bringing a lab up and down, and driving it.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -96,9 +97,20 @@ pub struct PodInfo {
     pub result: Value,
 }
 
+/// The impairment of one underlay link (both directions).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LinkImpairment {
+    /// Bernoulli loss in percent (0..=100).
+    pub loss_pct: f64,
+    /// The link is cut.
+    pub down: bool,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct LabState {
     name: String,
+    #[serde(default)]
+    links: BTreeMap<String, LinkImpairment>,
     overlay: Overlay,
     wan_ns: String,
     bin_dir: PathBuf,
@@ -175,6 +187,7 @@ impl Lab {
             bin_dir: spec.bin_dir.clone(),
             nodes: Vec::new(),
             pods: Vec::new(),
+            links: BTreeMap::new(),
         };
         let mut lab = Lab {
             state,
@@ -504,6 +517,76 @@ impl Lab {
         Ok(())
     }
 
+    /// Sets the impairment of the underlay link between two nodes (both directions).
+    ///
+    /// Links are emulated in the lab's WAN namespace with an nftables bridge filter: loss is a
+    /// per-packet random drop, a cut drops everything. (Delay, jitter, rate and burst loss need
+    /// netbench's emulator, which has no kernel netem to lean on; see docs/lab.md.)
+    pub fn link_set(&mut self, a: &str, b: &str, imp: LinkImpairment) -> Result<()> {
+        anyhow::ensure!(
+            (0.0..=100.0).contains(&imp.loss_pct),
+            "loss must be 0..=100 %"
+        );
+        self.node(a)?;
+        self.node(b)?;
+        anyhow::ensure!(a != b, "a link joins two different nodes");
+        let key = link_key(a, b);
+        if imp == LinkImpairment::default() {
+            self.state.links.remove(&key);
+        } else {
+            self.state.links.insert(key, imp);
+        }
+        self.apply_links()?;
+        self.save()
+    }
+
+    /// Current link impairments, keyed `a-b`.
+    pub fn links(&self) -> &BTreeMap<String, LinkImpairment> {
+        &self.state.links
+    }
+
+    fn apply_links(&self) -> Result<()> {
+        let mut rules = String::new();
+        for (key, imp) in &self.state.links {
+            let Some((a, b)) = key.split_once('-') else {
+                continue;
+            };
+            let (ia, ib) = (self.node(a)?.underlay, self.node(b)?.underlay);
+            for (s, d) in [(ia, ib), (ib, ia)] {
+                if imp.down || imp.loss_pct >= 100.0 {
+                    rules.push_str(&format!("    ip saddr {s} ip daddr {d} counter drop\n"));
+                } else if imp.loss_pct > 0.0 {
+                    // Per-million resolution.
+                    let threshold = (imp.loss_pct * 10_000.0).round() as u64;
+                    rules.push_str(&format!(
+                        "    ip saddr {s} ip daddr {d} numgen random mod 1000000 < {threshold} counter drop\n"
+                    ));
+                }
+            }
+        }
+        let script = format!(
+            "table bridge mistlab\ndelete table bridge mistlab\ntable bridge mistlab {{\n  chain forward {{\n    type filter hook forward priority 0; policy accept;\n{rules}  }}\n}}\n"
+        );
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.state.wan_ns, "nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("running nft")?;
+        std::io::Write::write_all(
+            child.stdin.as_mut().context("nft stdin")?,
+            script.as_bytes(),
+        )?;
+        let out = child.wait_with_output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
     /// Creates a pod on a node through the node's conflist, as a container runtime would.
     pub fn add_pod(&mut self, node: &str, pod: &str) -> Result<PodInfo> {
         let n = self.node(node)?.clone();
@@ -694,7 +777,8 @@ impl Lab {
             .iter()
             .map(|p| json!({"name": p.name, "node": p.node, "netns": p.netns, "ips": p.ips}))
             .collect();
-        json!({"lab": self.state.name, "overlay": self.state.overlay, "nodes": nodes, "pods": pods})
+        json!({"lab": self.state.name, "overlay": self.state.overlay, "nodes": nodes, "pods": pods,
+               "links": self.state.links})
     }
 
     /// Every node's daemon log, for failing tests.
@@ -768,6 +852,14 @@ impl Drop for Lab {
         {
             warn!(error = %e, lab = %self.state.name, "teardown failed");
         }
+    }
+}
+
+fn link_key(a: &str, b: &str) -> String {
+    if a < b {
+        format!("{a}-{b}")
+    } else {
+        format!("{b}-{a}")
     }
 }
 

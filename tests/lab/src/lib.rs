@@ -13,7 +13,8 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod cni;
+pub mod demo;
 pub mod lab;
 pub mod ns;
 
-pub use lab::{Lab, LabSpec, NodeInfo, PodInfo};
+pub use lab::{Lab, LabSpec, LinkImpairment, NodeInfo, PodInfo};

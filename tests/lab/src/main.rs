@@ -44,8 +44,28 @@ enum Cmd {
         #[arg(last = true, required = true)]
         argv: Vec<String>,
     },
+    /// Change an underlay link: `mistlab link set n1 n2 loss=10%`, `... down`, `... up`.
+    Link {
+        #[command(subcommand)]
+        cmd: LinkCmd,
+    },
     /// Tear a lab down (idempotent; also cleans up a lab whose processes died).
     Down,
+    /// A narrated tour: 3 nodes, 2 pods each, a degraded and a cut link, then teardown.
+    Demo,
+}
+
+#[derive(Subcommand)]
+enum LinkCmd {
+    /// Set a link's state: `loss=PCT%`, `down`, or `up` (clears every impairment).
+    Set {
+        a: String,
+        b: String,
+        #[arg(required = true)]
+        settings: Vec<String>,
+    },
+    /// Show impaired links.
+    Show,
 }
 
 fn main() -> ExitCode {
@@ -99,6 +119,62 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 u8::try_from(status.code().unwrap_or(1)).unwrap_or(1),
             ));
         }
+        Cmd::Link { cmd: LinkCmd::Show } => {
+            let lab = Lab::open(&cli.name)?;
+            if lab.links().is_empty() {
+                writeln!(out, "all links clean")?;
+            }
+            for (k, imp) in lab.links() {
+                writeln!(
+                    out,
+                    "{k}: {}",
+                    if imp.down {
+                        "down".to_owned()
+                    } else {
+                        format!("loss {}%", imp.loss_pct)
+                    }
+                )?;
+            }
+        }
+        Cmd::Link {
+            cmd: LinkCmd::Set { a, b, settings },
+        } => {
+            let mut lab = Lab::open(&cli.name)?;
+            let mut imp = mistlab::LinkImpairment::default();
+            for s in &settings {
+                match s.as_str() {
+                    "down" => imp.down = true,
+                    "up" => imp = mistlab::LinkImpairment::default(),
+                    other => {
+                        let Some(v) = other.strip_prefix("loss=") else {
+                            anyhow::bail!(
+                                "unknown link setting {other:?} (use loss=PCT%, down, up)"
+                            );
+                        };
+                        imp.loss_pct = v
+                            .trim_end_matches('%')
+                            .parse()
+                            .with_context(|| format!("loss={v}: not a number"))?;
+                    }
+                }
+            }
+            lab.link_set(&a, &b, imp)?;
+            writeln!(
+                out,
+                "{a} <-> {b}: {}",
+                if imp.down {
+                    "down".to_owned()
+                } else if imp.loss_pct > 0.0 {
+                    format!("loss {}%", imp.loss_pct)
+                } else {
+                    "clean".to_owned()
+                }
+            )?;
+        }
+        Cmd::Demo => {
+            teardown_on_signal(&cli.name);
+            mistlab::demo::run(&cli.name, &mut out)?;
+        }
         Cmd::Down => {
             let r = Lab::down_by_name(&cli.name)?;
             writeln!(
@@ -116,6 +192,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Ctrl-C (or SIGTERM) during a demo tears the lab down before exiting.
+fn teardown_on_signal(name: &str) {
+    // SAFETY: plain sigset manipulation; the mask is inherited by threads spawned after it.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let name = name.to_owned();
+    std::thread::spawn(move || {
+        let mut sig = 0;
+        // SAFETY: waiting on the signals blocked above.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        eprintln!("\nmistlab: interrupted, tearing lab {name} down");
+        if let Err(e) = Lab::down_by_name(&name) {
+            eprintln!("mistlab: teardown failed: {e:#}");
+        }
+        std::process::exit(130);
+    });
 }
 
 fn print_status(out: &mut impl Write, lab: &Lab) -> Result<()> {

@@ -136,3 +136,45 @@ fn killed_daemon_is_reported_and_down_still_cleans_up() {
         status["nodes"][1]["daemonPid"].as_u64().unwrap() as u32
     ));
 }
+
+#[test]
+fn link_loss_and_cut_are_applied_and_lifted() {
+    let mut lab = Lab::up(&spec("tlink", 3, 1)).unwrap();
+    let to_n2 = lab.pod("n2-p1").unwrap().ips[0].clone();
+    let to_n3 = lab.pod("n3-p1").unwrap().ips[0].clone();
+    assert!(lab.ping("n1-p1", &to_n2, 1).unwrap());
+    lab.link_set(
+        "n1",
+        "n2",
+        mistlab::LinkImpairment {
+            loss_pct: 0.0,
+            down: true,
+        },
+    )
+    .unwrap();
+    assert!(
+        !lab.ping("n1-p1", &to_n2, 2).unwrap(),
+        "a cut link carries nothing"
+    );
+    assert!(
+        lab.ping("n1-p1", &to_n3, 1).unwrap(),
+        "other links are untouched"
+    );
+    lab.link_set(
+        "n1",
+        "n2",
+        mistlab::LinkImpairment {
+            loss_pct: 100.0,
+            down: false,
+        },
+    )
+    .unwrap();
+    assert!(
+        !lab.ping("n1-p1", &to_n2, 2).unwrap(),
+        "100% loss carries nothing"
+    );
+    lab.link_set("n1", "n2", mistlab::LinkImpairment::default())
+        .unwrap();
+    assert!(lab.links().is_empty());
+    assert!(lab.ping("n1-p1", &to_n2, 3).unwrap(), "restored");
+}
