@@ -20,6 +20,8 @@ use crate::result::CniResult;
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 /// The newest supported version, used for errors when the config's version is unknown.
 pub const LATEST_VERSION: &str = "1.1.0";
+/// Default path of mistnetd's API socket.
+pub const DEFAULT_DAEMON_SOCKET: &str = "/run/mistnet/mistnetd.sock";
 /// Default directory of the IPAM store. It is on tmpfs on purpose: allocations must not outlive
 /// the pods they belong to, and no pod network namespace survives a reboot, so a store that
 /// vanishes at boot cannot leak addresses (host-local's classic failure). It survives restarts
@@ -35,6 +37,9 @@ pub struct NetConf {
     pub name: String,
     /// Path of the node state file written by mistnetd.
     pub node_state_file: PathBuf,
+    /// mistnetd's API socket, used to hand veth deletion to the daemon (DEL falls back to
+    /// deleting in-process when the daemon is not there).
+    pub daemon_socket: PathBuf,
     /// Root of the plugin's persistent data (IPAM store under `ipam/<name>/`).
     pub data_dir: PathBuf,
     /// Pod interface MTU; overrides the node state's MTU when set.
@@ -129,6 +134,7 @@ struct RawConf {
     #[serde(rename = "type")]
     kind: String,
     node_state_file: Option<PathBuf>,
+    daemon_socket: Option<PathBuf>,
     data_dir: Option<PathBuf>,
     mtu: Option<u32>,
     #[serde(default)]
@@ -219,6 +225,9 @@ impl NetConf {
             node_state_file: raw
                 .node_state_file
                 .unwrap_or_else(|| PathBuf::from(crate::node_state::DEFAULT_PATH)),
+            daemon_socket: raw
+                .daemon_socket
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DAEMON_SOCKET)),
             data_dir: raw
                 .data_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),

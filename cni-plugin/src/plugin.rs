@@ -295,7 +295,7 @@ fn cmd_del(env: &CniEnv, stdin: &[u8]) -> Result<(), CniError> {
     let host_veth = pod::host_veth_name(cid, ifname);
     // The veth goes first: an address is only released once nothing can still use it.
     let mut host = Netlink::open().map_err(|e| io_err("cannot open netlink", &e))?;
-    let existed = pod::teardown(&mut host, &host_veth)
+    let existed = pod::teardown_via_daemon(&mut host, &host_veth, &conf.daemon_socket)
         .map_err(|e| io_err("cannot delete the pod's veth", &e))?;
     let store = Store::lock(&conf.ipam_dir()).map_err(ipam_err)?;
     let mut state = store.load().map_err(ipam_err)?;

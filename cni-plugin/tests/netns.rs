@@ -715,8 +715,11 @@ impl Node {
     }
 
     fn conf(&self, version: &str) -> Value {
+        // No mistnetd in these tests: DEL deletes in-process (the daemon hand-off is tested
+        // in the lab tests).
         json!({"cniVersion": version, "name": "mistnet", "type": "mistnet",
-               "nodeStateFile": self.state_file(), "dataDir": self.data_dir()})
+               "nodeStateFile": self.state_file(), "dataDir": self.data_dir(),
+               "daemonSocket": self.dir.path().join("no-daemon.sock")})
     }
 
     fn pod(&self, tag: &str) -> Ns {

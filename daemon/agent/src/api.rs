@@ -1,4 +1,9 @@
-//! The local status API: a unix socket that answers each connection with a JSON document.
+//! The local API: a unix socket (mode 0600) taking one request line per connection.
+//!
+//! - `status` (or nothing): the status document as JSON.
+//! - `delete-link <index> <name>`: the CNI plugin hands a pod veth's deletion to the daemon,
+//!   whose deleter thread sits through the kernel's post-unregister wait (see
+//!   `mistnet_cni::pod::teardown_via_daemon`). Only links named like pod veths are accepted.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -13,6 +18,9 @@ use tracing::debug;
 use crate::config::Config;
 use crate::dataplane::Shared;
 
+/// Pod veths deleted for the CNI plugin (exported in the status document).
+static VETHS_DELETED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Default socket path.
 pub const DEFAULT_SOCKET: &str = "/run/mistnet/mistnetd.sock";
 
@@ -24,11 +32,12 @@ pub struct NodeFacts {
     pub public_key: String,
 }
 
-/// Serves status requests until the process exits.
+/// Serves requests until the process exits.
 pub fn serve(
     path: &Path,
     shared: Arc<Shared>,
     facts: Arc<std::sync::RwLock<NodeFacts>>,
+    deleter: std::sync::mpsc::Sender<(u32, String)>,
 ) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -42,17 +51,122 @@ pub fn serve(
         .spawn(move || {
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { continue };
-                let facts = facts
-                    .read()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .clone();
-                let doc = status(&shared, &facts);
-                if let Err(e) = conn.write_all(doc.to_string().as_bytes()) {
-                    debug!(error = %e, "status client went away");
+                let request = read_request(&mut conn);
+                let words: Vec<&str> = request.split_whitespace().collect();
+                let reply = match words.as_slice() {
+                    [] | ["status"] => {
+                        let facts = facts
+                            .read()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .clone();
+                        status(&shared, &facts).to_string()
+                    }
+                    ["delete-link", index, name] => delete_link(&deleter, index, name),
+                    _ => "error unknown request\n".to_owned(),
+                };
+                if let Err(e) = conn.write_all(reply.as_bytes()) {
+                    debug!(error = %e, "API client went away");
                 }
             }
         })?;
     Ok(())
+}
+
+fn delete_link(
+    deleter: &std::sync::mpsc::Sender<(u32, String)>,
+    index: &str,
+    name: &str,
+) -> String {
+    let Ok(index) = index.parse::<u32>() else {
+        return "error bad index\n".to_owned();
+    };
+    if !name.starts_with(mistnet_cni::pod::HOST_VETH_PREFIX) || name.len() > 15 {
+        return "error not a pod veth\n".to_owned();
+    }
+    match deleter.send((index, name.to_owned())) {
+        Ok(()) => "ok\n".to_owned(),
+        Err(_) => "error deleter stopped\n".to_owned(),
+    }
+}
+
+/// Reads one request line (bounded, with a timeout; a silent client gets the status).
+fn read_request(conn: &mut UnixStream) -> String {
+    let _ = conn.set_read_timeout(Some(std::time::Duration::from_millis(200)));
+    let mut buf = [0u8; 128];
+    let mut len = 0;
+    while len < buf.len() {
+        match conn.read(&mut buf[len..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                len += n;
+                if buf[..len].contains(&b'\n') {
+                    break;
+                }
+            }
+        }
+    }
+    String::from_utf8_lossy(&buf[..len])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// Deletes pod veths handed over by the CNI plugin, one at a time, each in this thread: the
+/// kernel's post-unregister wait lands here instead of on the plugin's DEL.
+pub fn spawn_deleter(overlay_interface: String) -> Result<std::sync::mpsc::Sender<(u32, String)>> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    /// Deletions waiting out the kernel at once; past this the dispatcher deletes inline, which
+    /// slows the plugin down instead of growing threads without bound.
+    const MAX_IN_FLIGHT: usize = 64;
+    static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+    fn delete(nl: &mut mistnet_cni::netlink::Netlink, index: u32, name: &str) {
+        // The index must still name the link the plugin asked about.
+        match nl.link_by_name(name) {
+            Ok(l) if l.header.index == index => match nl.delete_link(index) {
+                Ok(()) => {
+                    VETHS_DELETED.fetch_add(1, Ordering::Relaxed);
+                    debug!(%name, "deleted pod veth for the CNI plugin");
+                }
+                Err(e) => debug!(%name, error = %e, "deleting pod veth"),
+            },
+            Ok(_) | Err(_) => debug!(%name, "pod veth already gone"),
+        }
+    }
+
+    let (tx, rx) = std::sync::mpsc::channel::<(u32, String)>();
+    let mut inline = mistnet_cni::netlink::Netlink::open().context("netlink for the deleter")?;
+    std::thread::Builder::new()
+        .name("deleter".into())
+        .spawn(move || {
+            for (index, name) in rx {
+                if name == overlay_interface {
+                    continue;
+                }
+                // One short-lived thread per deletion: the kernel's waits of concurrent DELs
+                // overlap instead of queueing behind each other.
+                if IN_FLIGHT.fetch_add(1, Ordering::AcqRel) < MAX_IN_FLIGHT {
+                    let spawned = std::thread::Builder::new()
+                        .name("delete-veth".into())
+                        .spawn({
+                            let name = name.clone();
+                            move || {
+                                if let Ok(mut nl) = mistnet_cni::netlink::Netlink::open() {
+                                    delete(&mut nl, index, &name);
+                                }
+                                IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+                            }
+                        });
+                    if spawned.is_ok() {
+                        continue;
+                    }
+                }
+                IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+                delete(&mut inline, index, &name);
+            }
+        })?;
+    Ok(tx)
 }
 
 /// The status document.
@@ -88,7 +202,8 @@ pub fn status(shared: &Shared, facts: &NodeFacts) -> Value {
         "tunnelAddresses": facts.config.tunnel_addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "stats": {
             "txPackets": stats.tx_packets, "rxPackets": stats.rx_packets, "noRoute": stats.no_route,
-            "unknownPeer": stats.unknown_peer, "spoofed": stats.spoofed, "cryptoErrors": stats.crypto_errors,
+            "unknownPeer": stats.unknown_peer,
+            "podVethsDeleted": VETHS_DELETED.load(std::sync::atomic::Ordering::Relaxed), "spoofed": stats.spoofed, "cryptoErrors": stats.crypto_errors,
         },
         "peers": peers,
     })
@@ -98,6 +213,7 @@ pub fn status(shared: &Shared, facts: &NodeFacts) -> Value {
 pub fn fetch(path: &Path) -> Result<Value> {
     let mut conn = UnixStream::connect(path)
         .with_context(|| format!("connecting to {} (is mistnetd running?)", path.display()))?;
+    conn.write_all(b"status\n")?;
     let mut text = String::new();
     conn.read_to_string(&mut text)?;
     serde_json::from_str(&text).context("malformed status document")

@@ -218,7 +218,8 @@ fn run(config_path: &Path) -> Result<()> {
         mtu,
         public_key: public,
     }));
-    api::serve(&config.api_socket, shared.clone(), facts.clone())?;
+    let deleter = api::spawn_deleter(config.interface.clone())?;
+    api::serve(&config.api_socket, shared.clone(), facts.clone(), deleter)?;
     dataplane::spawn(&shared, config.workers)?;
 
     NodeState::new(config.node_name.clone(), config.pod_cidrs.clone(), mtu)

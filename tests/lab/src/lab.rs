@@ -297,6 +297,7 @@ impl Lab {
             "plugins": [{
                 "type": "mistnet",
                 "nodeStateFile": dir.join("node.json"),
+                "daemonSocket": dir.join("mistnetd.sock"),
                 "dataDir": dir.join("cni"),
             }]
         });
@@ -478,6 +479,7 @@ impl Lab {
         let n = self.node(node)?;
         let mut conn = std::os::unix::net::UnixStream::connect(n.dir.join("mistnetd.sock"))
             .with_context(|| format!("mistnetd on {node} is not answering"))?;
+        std::io::Write::write_all(&mut conn, b"status\n")?;
         let mut text = String::new();
         std::io::Read::read_to_string(&mut conn, &mut text)?;
         Ok(serde_json::from_str(&text)?)

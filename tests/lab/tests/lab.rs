@@ -178,3 +178,34 @@ fn link_loss_and_cut_are_applied_and_lifted() {
     assert!(lab.links().is_empty());
     assert!(lab.ping("n1-p1", &to_n2, 3).unwrap(), "restored");
 }
+
+#[test]
+fn pod_delete_is_handed_to_the_daemon_and_leaves_nothing() {
+    let mut lab = Lab::up(&spec("tdel", 1, 2)).unwrap();
+    let node_ns = lab.node("n1").unwrap().netns.clone();
+    let veths = || {
+        mistlab::ns::exec(&node_ns, &["ip", "-o", "link"])
+            .unwrap()
+            .matches("mist")
+            .count()
+    };
+    let before = veths();
+    lab.del_pod("n1-p1").unwrap();
+    // When DEL returns the veth is gone, though the daemon's thread did the deletion.
+    assert_eq!(veths(), before - 1);
+    // The daemon counts the deletion once the kernel's post-unregister wait is over, which is
+    // after DEL has already returned.
+    let mut st = lab.daemon_status("n1").unwrap();
+    for _ in 0..100 {
+        if st["stats"]["podVethsDeleted"] == 1 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        st = lab.daemon_status("n1").unwrap();
+    }
+    assert_eq!(st["stats"]["podVethsDeleted"], 1, "{st:#}");
+    // Without the daemon, DEL deletes in-process.
+    lab.stop_daemon("n1").unwrap();
+    lab.del_pod("n1-p2").unwrap();
+    assert_eq!(veths(), before - 2 - 1, "pod veths and mist0 gone");
+}

@@ -157,10 +157,6 @@ fn main() -> Result<()> {
     // host-local on disk (/var/lib/cni/networks; here a temp dir on the same disk).
     let dir = tempfile_dir(&tag)?;
     let run_dir = format!("/run/mistnet-{tag}");
-    std::fs::write(
-        format!("{dir}/node.json"),
-        json!({"version":1,"nodeName":"bench","podCidrs":["10.251.0.0/16"],"mtu":1420}).to_string(),
-    )?;
     // Enter the node namespace: every plugin spawned from here runs in it.
     let f = std::fs::File::open(node.path())?;
     // SAFETY: setns on a namespace fd we own; the process is single-threaded here.
@@ -171,13 +167,61 @@ fn main() -> Result<()> {
         std::io::Error::last_os_error()
     );
 
+    // mistnetd runs on the benchmark node, as on every mistnet node: it writes the node state
+    // and takes over veth deletion on DEL.
+    let daemon_bin = std::path::Path::new(&args.mistnet).with_file_name("mistnetd");
+    ensure!(
+        daemon_bin.exists(),
+        "{} missing: run scripts/build.sh",
+        daemon_bin.display()
+    );
+    let sock = format!("{dir}/mistnetd.sock");
+    std::fs::write(
+        format!("{dir}/mistnetd.toml"),
+        format!(
+            "node_name = \"bench\"\nprivate_key_file = \"{dir}/key\"\npod_cidrs = [\"10.251.0.0/16\"]\nmtu = 1420\nnode_state_file = \"{dir}/node.json\"\napi_socket = \"{sock}\"\n"
+        ),
+    )?;
+    let _ = std::fs::remove_file(format!("{dir}/node.json"));
+    let _daemon = Daemon(
+        Command::new(&daemon_bin)
+            .args(["run", "--config", &format!("{dir}/mistnetd.toml")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting mistnetd")?,
+    );
+    let mut ready = false;
+    for _ in 0..250 {
+        if std::os::unix::net::UnixStream::connect(&sock).is_ok()
+            && std::path::Path::new(&format!("{dir}/node.json")).exists()
+        {
+            ready = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ensure!(ready, "mistnetd did not start");
+    let mistnet_conf = |socket: &str| {
+        json!({"cniVersion":"1.0.0","name":"mistbench","type":"mistnet",
+               "nodeStateFile": format!("{dir}/node.json"), "dataDir": format!("{run_dir}/mistnet"),
+               "daemonSocket": socket})
+        .to_string()
+    };
+
     let mut plugins = [
         Plugin {
             label: "mistnet",
             bin: args.mistnet.clone(),
-            conf: json!({"cniVersion":"1.0.0","name":"mistbench","type":"mistnet",
-                         "nodeStateFile": format!("{dir}/node.json"), "dataDir": format!("{run_dir}/mistnet")})
-            .to_string(),
+            conf: mistnet_conf(&sock),
+            add: Vec::new(),
+            del: Vec::new(),
+        },
+        Plugin {
+            label: "mistnet, no daemon",
+            bin: args.mistnet.clone(),
+            conf: mistnet_conf(&format!("{dir}/absent.sock")),
             add: Vec::new(),
             del: Vec::new(),
         },
@@ -199,9 +243,9 @@ fn main() -> Result<()> {
         call(p, "DEL", "warm", &ns.path(), &args.cni_path)?;
     }
     for i in 0..args.iterations {
-        // Alternate which plugin goes first so neither always runs on a just-woken machine.
-        let order: [usize; 2] = if i % 2 == 0 { [0, 1] } else { [1, 0] };
-        for &k in &order {
+        // Rotate which plugin goes first so none always runs on a just-woken machine.
+        let n = plugins.len();
+        for k in (0..n).map(|j| (i + j) % n) {
             let ns = Ns::new(format!("{tag}-{i}-{k}"))?;
             let cid = format!("bench{i}");
             let p = &mut plugins[k];
@@ -226,12 +270,24 @@ fn main() -> Result<()> {
             "del_ms": {"p50": pct(&p.del, 0.5), "p95": pct(&p.del, 0.95), "p99": pct(&p.del, 0.99)},
         })
     };
-    let (m, r) = (&plugins[0], &plugins[1]);
-    let ratio_add = pct(&m.add, 0.5) / pct(&r.add, 0.5);
-    let ratio_del = pct(&m.del, 0.5) / pct(&r.del, 0.5);
+    let reference = &plugins[plugins.len() - 1];
+    let ratio = |p: &Plugin, del: bool| {
+        let (a, b) = if del {
+            (&p.del, &reference.del)
+        } else {
+            (&p.add, &reference.add)
+        };
+        pct(a, 0.5) / pct(b, 0.5)
+    };
     if args.json {
-        let doc = json!({"iterations": args.iterations, "mistnet": stats(m), "reference": stats(r),
-                         "ratio_p50": {"add": ratio_add, "del": ratio_del}});
+        let rows: Vec<_> = plugins
+            .iter()
+            .map(|p| {
+                json!({"plugin": p.label, "stats": stats(p),
+                            "ratio_p50": {"add": ratio(p, false), "del": ratio(p, true)}})
+            })
+            .collect();
+        let doc = json!({"iterations": args.iterations, "plugins": rows});
         writeln!(std::io::stdout(), "{doc:#}")?;
         return Ok(());
     }
@@ -243,27 +299,36 @@ fn main() -> Result<()> {
     )?;
     writeln!(
         out,
-        "{:<20} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
-        "plugin", "ADD p50", "p95", "p99", "DEL p50", "p95", "p99"
+        "{:<20} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}",
+        "plugin", "ADD p50", "p95", "p99", "DEL p50", "p95", "p99", "ADD ratio", "DEL ratio"
     )?;
-    for p in [m, r] {
+    for p in &plugins {
         writeln!(
             out,
-            "{:<20} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+            "{:<20} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}x {:>8.2}x",
             p.label,
             pct(&p.add, 0.5),
             pct(&p.add, 0.95),
             pct(&p.add, 0.99),
             pct(&p.del, 0.5),
             pct(&p.del, 0.95),
-            pct(&p.del, 0.99)
+            pct(&p.del, 0.99),
+            ratio(p, false),
+            ratio(p, true)
         )?;
     }
-    writeln!(
-        out,
-        "ratio mistnet/reference (p50): ADD {ratio_add:.2}x  DEL {ratio_del:.2}x"
-    )?;
     Ok(())
+}
+
+/// The benchmark node's mistnetd, stopped (SIGTERM: it removes its device) on drop.
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: signalling the daemon this benchmark started.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
 }
 
 fn tempfile_dir(tag: &str) -> Result<String> {
