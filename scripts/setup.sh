@@ -9,7 +9,7 @@ packages=(
   containernetworking-plugins            # reference CNI plugins (chain + benchmark)
   iperf3 irtt sockperf                   # reference link measurement tools
   wireguard-go wireguard-tools           # WireGuard interop + reference overlay
-  tcpdump jq hyperfine
+  tcpdump jq hyperfine ethtool
 )
 
 sudo_cmd=()
