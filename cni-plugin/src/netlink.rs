@@ -170,39 +170,7 @@ impl Netlink {
         flags: u16,
         op: &'static str,
     ) -> Result<(), NetlinkError> {
-        let seq = self.send(msg, flags | NLM_F_ACK, op)?;
-        loop {
-            let n = self.recv(op)?;
-            let mut off = 0;
-            while off < n {
-                let (msg, len) = parse_one(&self.buf[off..n], op)?;
-                off += len;
-                if msg.header.sequence_number != seq {
-                    continue;
-                }
-                match msg.payload {
-                    NetlinkPayload::Error(e) => {
-                        return match e.code {
-                            None => Ok(()),
-                            Some(code) => Err(NetlinkError::Kernel {
-                                op,
-                                source: io::Error::from_raw_os_error(-code.get()),
-                            }),
-                        };
-                    }
-                    NetlinkPayload::Done(_) => return Ok(()),
-                    NetlinkPayload::Noop
-                    | NetlinkPayload::Overrun(_)
-                    | NetlinkPayload::InnerMessage(_) => {}
-                    other => {
-                        return Err(NetlinkError::Decode {
-                            op,
-                            reason: format!("unexpected payload {other:?}"),
-                        });
-                    }
-                }
-            }
-        }
+        self.collect(msg, flags | NLM_F_ACK, op).map(|_| ())
     }
 
     /// Sends a dump request and collects every message of the reply.
