@@ -407,3 +407,31 @@ impl Drop for Bg {
         let _ = self.0.wait();
     }
 }
+
+#[test]
+fn sighup_reload_keeps_sessions() {
+    let lab = Lab::up(&spec("ovhup", 2, 1)).unwrap();
+    let b = ip(&lab, "n2-p1");
+    assert!(lab.ping("n1-p1", &b, 2).unwrap());
+    let before = lab.daemon_status("n1").unwrap()["peers"][0].clone();
+    // Reload with an unchanged config: the session must survive (no new handshake needed).
+    let pid = lab.node("n1").unwrap().daemon_pid.unwrap();
+    // SAFETY: signalling the daemon this lab started.
+    unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        lab.ping("n1-p1", &b, 2).unwrap(),
+        "traffic after reload\n{}",
+        lab.logs()
+    );
+    let after = lab.daemon_status("n1").unwrap()["peers"][0].clone();
+    assert!(
+        after["latestHandshakeSecondsAgo"].as_u64().unwrap()
+            >= before["latestHandshakeSecondsAgo"].as_u64().unwrap()
+    );
+    assert!(
+        after["txBytes"].as_u64().unwrap() > before["txBytes"].as_u64().unwrap(),
+        "counters continue: same session"
+    );
+    assert!(lab.logs().contains("reloaded"), "{}", lab.logs());
+}
