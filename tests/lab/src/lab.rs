@@ -40,8 +40,13 @@ pub struct LabSpec {
     /// Give nodes an IPv6 pod CIDR too.
     pub dual_stack: bool,
     pub overlay: Overlay,
-    /// Directory holding the `mistnet` plugin (and later `mistnetd`, `netbench`).
+    /// Directory holding `mistnet`, `mistnetd` and `netbench`.
     pub bin_dir: PathBuf,
+    /// Emulated underlay: the profile of every link (a netbench preset such as `lte`, or a
+    /// spec such as `delay=20ms loss=1%`). `None` and no topology: an ideal bridge.
+    pub profile: Option<String>,
+    /// Emulated underlay: a netbench profile file with per-link profiles and schedules.
+    pub topology: Option<PathBuf>,
 }
 
 impl LabSpec {
@@ -54,6 +59,8 @@ impl LabSpec {
             dual_stack: false,
             overlay: Overlay::Mistnet,
             bin_dir: default_bin_dir(),
+            profile: None,
+            topology: None,
         }
     }
 }
@@ -109,6 +116,9 @@ pub struct LinkImpairment {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct LabState {
     name: String,
+    /// The emulator's pid when the underlay is emulated by `netbench emulate`.
+    #[serde(default)]
+    emulator_pid: Option<u32>,
     #[serde(default)]
     links: BTreeMap<String, LinkImpairment>,
     overlay: Overlay,
@@ -188,6 +198,7 @@ impl Lab {
             nodes: Vec::new(),
             pods: Vec::new(),
             links: BTreeMap::new(),
+            emulator_pid: None,
         };
         let mut lab = Lab {
             state,
@@ -205,15 +216,21 @@ impl Lab {
     }
 
     fn build(&mut self, spec: &LabSpec) -> Result<()> {
-        let wan = self.state.wan_ns.clone();
-        ns::add(&wan)?;
-        ns::exec(&wan, &["ip", "link", "add", "wan", "type", "bridge"])?;
-        ns::exec(&wan, &["ip", "link", "set", "wan", "up"])?;
+        let emulated = spec.profile.is_some() || spec.topology.is_some();
+        if !emulated {
+            let wan = self.state.wan_ns.clone();
+            ns::add(&wan)?;
+            ns::exec(&wan, &["ip", "link", "add", "wan", "type", "bridge"])?;
+            ns::exec(&wan, &["ip", "link", "set", "wan", "up"])?;
+        }
         self.save()?;
         for i in 1..=spec.nodes {
-            let node = self.add_node(i, spec.dual_stack)?;
+            let node = self.add_node(i, spec.dual_stack, !emulated)?;
             self.state.nodes.push(node);
             self.save()?;
+        }
+        if emulated {
+            self.start_emulator(spec)?;
         }
         match spec.overlay {
             Overlay::Routed => self.install_routes()?,
@@ -238,49 +255,17 @@ impl Lab {
         Ok(())
     }
 
-    fn add_node(&mut self, i: usize, dual_stack: bool) -> Result<NodeInfo> {
+    fn add_node(&mut self, i: usize, dual_stack: bool, bridge: bool) -> Result<NodeInfo> {
         let name = format!("n{i}");
         let netns = format!("{}{name}", ns_prefix(&self.state.name));
         let dir = self.dir.join(&name);
         std::fs::create_dir_all(&dir)?;
         ns::add(&netns)?;
-        // Underlay: wan0 in the node, its peer enslaved to the lab's bridge.
         let octet = u8::try_from(i).context("node index")?;
         let underlay = Ipv4Addr::new(10, 99, 0, octet);
-        let peer = format!("{name}-wan");
-        ns::exec(
-            &self.state.wan_ns,
-            &[
-                "ip", "link", "add", &peer, "type", "veth", "peer", "name", "wan0", "netns", &netns,
-            ],
-        )?;
-        ns::exec(
-            &self.state.wan_ns,
-            &["ip", "link", "set", &peer, "master", "wan", "up"],
-        )?;
-        ns::exec(
-            &netns,
-            &[
-                "ip",
-                "addr",
-                "add",
-                &format!("{underlay}/24"),
-                "dev",
-                "wan0",
-            ],
-        )?;
-        ns::exec(
-            &netns,
-            &[
-                "ip",
-                "link",
-                "set",
-                "wan0",
-                "mtu",
-                &UNDERLAY_MTU.to_string(),
-                "up",
-            ],
-        )?;
+        if bridge {
+            self.bridge_underlay(&name, &netns, underlay)?;
+        }
         let mut pod_cidrs = vec![format!("10.244.{i}.0/24")];
         if dual_stack {
             pod_cidrs.push(format!("fd00:10:244:{i:x}::/80"));
@@ -335,6 +320,119 @@ impl Lab {
             daemon_pid: None,
             public_key,
         })
+    }
+
+    /// Underlay without emulation: wan0 in the node, its peer enslaved to the lab's bridge.
+    fn bridge_underlay(&self, name: &str, netns: &str, underlay: Ipv4Addr) -> Result<()> {
+        let peer = format!("{name}-wan");
+        ns::exec(
+            &self.state.wan_ns,
+            &[
+                "ip", "link", "add", &peer, "type", "veth", "peer", "name", "wan0", "netns", netns,
+            ],
+        )?;
+        ns::exec(
+            &self.state.wan_ns,
+            &["ip", "link", "set", &peer, "master", "wan", "up"],
+        )?;
+        ns::exec(
+            netns,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{underlay}/24"),
+                "dev",
+                "wan0",
+            ],
+        )?;
+        ns::exec(
+            netns,
+            &[
+                "ip",
+                "link",
+                "set",
+                "wan0",
+                "mtu",
+                &UNDERLAY_MTU.to_string(),
+                "up",
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Underlay through `netbench emulate`: it creates wan0 in every node (with the node's
+    /// underlay address) and emulates every node pair as a link.
+    fn start_emulator(&mut self, spec: &LabSpec) -> Result<()> {
+        let bin = self.state.bin_dir.join("netbench");
+        ensure!(
+            bin.exists(),
+            "{} missing: build it (cargo build -p netbench)",
+            bin.display()
+        );
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.args(["emulate", "run", "--ifname", "wan0", "--seed", "1"]);
+        cmd.arg("--control").arg(self.dir.join("emulate.sock"));
+        for n in &self.state.nodes {
+            cmd.arg("--node")
+                .arg(format!("{}={}:{}/24", n.name, n.netns, n.underlay));
+        }
+        if let Some(p) = &spec.profile {
+            cmd.arg("--default").arg(p);
+        }
+        if let Some(t) = &spec.topology {
+            cmd.arg("--profile").arg(t);
+        }
+        let log = std::fs::File::create(self.dir.join("emulate.log"))?;
+        let child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting netbench emulate")?;
+        let pid = child.id();
+        std::thread::spawn(move || {
+            let mut child = child;
+            let _ = child.wait();
+        });
+        self.state.emulator_pid = Some(pid);
+        self.save()?;
+        for _ in 0..250 {
+            let ready = self.state.nodes.iter().all(|n| {
+                ns::exec(&n.netns, &["ip", "-o", "addr", "show", "dev", "wan0"])
+                    .is_ok_and(|o| o.contains("inet "))
+            });
+            if ready && self.dir.join("emulate.sock").exists() {
+                return Ok(());
+            }
+            if !process_alive(pid) {
+                let log = std::fs::read_to_string(self.dir.join("emulate.log")).unwrap_or_default();
+                bail!("netbench emulate exited: {log}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        bail!("the emulated underlay is not up after 5 s")
+    }
+
+    /// Whether the underlay is emulated by netbench.
+    pub fn emulated(&self) -> bool {
+        self.state.emulator_pid.is_some()
+    }
+
+    /// Emulated underlay only: applies netbench link settings to the link between two nodes
+    /// (both directions), e.g. `delay=80ms loss=2%`, `down`, `profile=satellite`.
+    pub fn link_spec(&mut self, a: &str, b: &str, spec: &str) -> Result<()> {
+        ensure!(
+            self.emulated(),
+            "delay, jitter, rate and profiles need an emulated underlay (mistlab up --profile ...)"
+        );
+        self.node(a)?;
+        self.node(b)?;
+        netbench::emulate::control_request(
+            &self.dir.join("emulate.sock"),
+            &format!("set link={a}-{b} {spec}"),
+        )?;
+        Ok(())
     }
 
     /// Writes every node's mistnetd config: all other nodes are its peers.
@@ -538,7 +636,19 @@ impl Lab {
         } else {
             self.state.links.insert(key, imp);
         }
-        self.apply_links()?;
+        if self.emulated() {
+            let spec = if imp.down {
+                "down".to_owned()
+            } else {
+                format!("up loss={}%", imp.loss_pct)
+            };
+            netbench::emulate::control_request(
+                &self.dir.join("emulate.sock"),
+                &format!("set link={a}-{b} {spec}"),
+            )?;
+        } else {
+            self.apply_links()?;
+        }
         self.save()
     }
 
@@ -780,6 +890,7 @@ impl Lab {
             .map(|p| json!({"name": p.name, "node": p.node, "netns": p.netns, "ips": p.ips}))
             .collect();
         json!({"lab": self.state.name, "overlay": self.state.overlay, "nodes": nodes, "pods": pods,
+               "underlay": if self.emulated() { "netbench emulate" } else { "bridge" },
                "links": self.state.links})
     }
 
@@ -809,6 +920,11 @@ impl Lab {
         let mut report = DownReport::default();
         let dir = state_dir(name);
         if let Ok(lab) = Lab::open(name) {
+            if let Some(pid) = lab.state.emulator_pid
+                && stop_process(pid, &lab.state.name)
+            {
+                report.processes.push(pid);
+            }
             for n in &lab.state.nodes {
                 if let Some(pid) = n.daemon_pid
                     && stop_process(pid, &lab.state.name)

@@ -32,6 +32,13 @@ enum Cmd {
         /// Give nodes IPv6 pod CIDRs too.
         #[arg(long)]
         dual_stack: bool,
+        /// Emulate every underlay link with netbench: a preset (wifi-good, wifi-flaky, lte,
+        /// lte-congested, satellite, partitioned) or a spec ("delay=20ms loss=1%").
+        #[arg(long)]
+        profile: Option<String>,
+        /// Emulate the underlay from a netbench profile file (per-link profiles, schedules).
+        #[arg(long)]
+        topology: Option<std::path::PathBuf>,
     },
     /// Show nodes, pods and their addresses.
     Status {
@@ -57,7 +64,8 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum LinkCmd {
-    /// Set a link's state: `loss=PCT%`, `down`, or `up` (clears every impairment).
+    /// Set a link's state: `loss=PCT%`, `down`, or `up` (clears every impairment); with an
+    /// emulated underlay any netbench setting (`delay=80ms jitter=10ms rate=5mbit profile=lte`).
     Set {
         a: String,
         b: String,
@@ -92,9 +100,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             nodes,
             pods_per_node,
             dual_stack,
+            profile,
+            topology,
         } => {
             let mut spec = LabSpec::new(&cli.name, nodes, pods_per_node);
             spec.dual_stack = dual_stack;
+            spec.profile = profile;
+            spec.topology = topology;
             let lab = Lab::up(&spec)?;
             print_status(&mut out, &lab)?;
             lab.keep();
@@ -135,6 +147,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     }
                 )?;
             }
+        }
+        Cmd::Link {
+            cmd: LinkCmd::Set { a, b, settings },
+        } if Lab::open(&cli.name)?.emulated() => {
+            let mut lab = Lab::open(&cli.name)?;
+            lab.link_spec(&a, &b, &settings.join(" "))?;
+            writeln!(out, "{a} <-> {b}: {}", settings.join(" "))?;
         }
         Cmd::Link {
             cmd: LinkCmd::Set { a, b, settings },

@@ -209,3 +209,54 @@ fn pod_delete_is_handed_to_the_daemon_and_leaves_nothing() {
     lab.del_pod("n1-p2").unwrap();
     assert_eq!(veths(), before - 2 - 1, "pod veths and mist0 gone");
 }
+
+#[test]
+fn emulated_underlay_profiles_and_runtime_changes() {
+    let mut s = spec("temu", 2, 1);
+    s.profile = Some("delay=20ms".into());
+    let mut lab = Lab::up(&s).unwrap();
+    assert!(lab.emulated());
+    let dst = lab.pod("n2-p1").unwrap().ips[0].clone();
+    let rtt = |lab: &Lab| {
+        let out = lab
+            .exec("n1-p1", &["ping", "-c", "5", "-i", "0.2", "-W", "2", &dst])
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let avg = text
+            .lines()
+            .find(|l| l.contains("min/avg"))
+            .and_then(|l| l.split('=').nth(1))
+            .and_then(|v| v.trim().split('/').nth(1))
+            .and_then(|v| v.parse::<f64>().ok());
+        (out.status.success(), avg)
+    };
+    let (ok, avg) = rtt(&lab);
+    assert!(
+        ok,
+        "pods reach each other over the emulated WAN\n{}",
+        lab.logs()
+    );
+    // 20 ms each way on the underlay: the overlay round trip is at least 40 ms.
+    assert!(avg.unwrap() >= 39.0, "{avg:?}");
+    lab.link_spec("n1", "n2", "delay=60ms").unwrap();
+    let (_, avg) = rtt(&lab);
+    assert!(avg.unwrap() >= 119.0, "{avg:?}");
+    lab.link_set(
+        "n1",
+        "n2",
+        mistlab::LinkImpairment {
+            loss_pct: 0.0,
+            down: true,
+        },
+    )
+    .unwrap();
+    assert!(!lab.ping("n1-p1", &dst, 2).unwrap(), "cut");
+    lab.link_set("n1", "n2", mistlab::LinkImpairment::default())
+        .unwrap();
+    assert!(lab.ping("n1-p1", &dst, 3).unwrap(), "restored");
+    let report = lab.down().unwrap();
+    assert!(
+        report.processes.len() >= 3,
+        "two daemons and the emulator: {report:?}"
+    );
+}
