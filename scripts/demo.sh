@@ -10,6 +10,6 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 bash scripts/setup.sh
-echo "== building mistnet, mistnetd and mistlab (release)"
-cargo build --release --locked -q -p mistnet-cni -p mistnet-agent -p mistlab
+echo "== building mistnet, mistnetd, netbench and mistlab (release)"
+cargo build --release --locked -q -p mistnet-cni -p mistnet-agent -p netbench -p mistlab
 exec target/release/mistlab --name demo demo
