@@ -268,8 +268,10 @@ fn three_namespaces_with_per_link_profiles() {
     let _s1 = Server::start(&ns[1]);
     let _s2 = Server::start(&ns[2]);
     let r01 = ns[0].netbench_json(&["rtt", "10.209.0.2", "-t", "500ms", "-i", "20ms"]);
-    let m = r01["rtt"]["median_us"].as_f64().unwrap() / 1e3;
-    assert!((m - 20.0).abs() < 2.0, "{r01}");
+    // The minimum is what the emulator adds; the median also carries scheduling delays of a
+    // loaded 2-core machine (the accuracy script measures medians on a quiet one).
+    let m = r01["rtt"]["min_us"].as_f64().unwrap() / 1e3;
+    assert!((19.8..22.0).contains(&m), "{r01}");
     let r12 = ns[1].netbench_json(&["rtt", "10.209.0.3", "-t", "500ms", "-i", "20ms"]);
     assert!(
         r12["rtt"]["median_us"].as_f64().unwrap() < 2000.0,

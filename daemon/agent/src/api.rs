@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use tracing::debug;
 
 use crate::config::Config;
+use crate::core::Dest;
 use crate::dataplane::Shared;
 
 /// Pod veths deleted for the CNI plugin (exported in the status document).
@@ -171,32 +172,77 @@ pub fn spawn_deleter(overlay_interface: String) -> Result<std::sync::mpsc::Sende
 
 /// The status document.
 pub fn status(shared: &Shared, facts: &NodeFacts) -> Value {
-    let node = shared.node();
-    let stats = node.stats();
-    let peers: Vec<Value> = facts
-        .config
-        .peers
-        .iter()
-        .filter_map(|p| {
-            let s = node.peer_status(&p.name)?;
+    let core = shared.core();
+    let stats = core.overlay.stats();
+    let port_of = |local: u8| facts.config.listen_ports.get(usize::from(local)).copied();
+    let peers: Vec<Value> = core
+        .peer_names()
+        .filter_map(|name| {
+            let id = core.id_of(name)?;
+            let s = core.overlay.peer_status(&id)?;
+            // Where datagrams actually go: the selector's choice, or the overlay's path.
+            let endpoint = core.dests(id, s.path).first.map(|d| match d {
+                Dest::Direct(p) => (p.remote.to_string(), port_of(p.local)),
+                Dest::Relay { via, .. } => {
+                    (format!("relay via {}", via.remote), port_of(via.local))
+                }
+            });
+            let paths = core
+                .paths
+                .as_ref()
+                .and_then(|sel| sel.status(&id))
+                .map(|ps| {
+                    json!({
+                        "active": ps.active.as_ref().map(|p| core.describe(p)),
+                        "secondary": ps.secondary.as_ref().map(|p| core.describe(p)),
+                        "mode": ps.mode,
+                        "reason": ps.reason.map(|r| r.as_str()),
+                        "sinceChangeMs": ps.since_change.map(|d| d.as_millis() as u64),
+                        "paths": ps.paths.iter().map(|p| json!({
+                            "path": core.describe(&p.path),
+                            "state": p.state,
+                            "discovered": p.discovered,
+                            "srttMs": p.srtt.map(|d| d.as_secs_f64() * 1e3),
+                            "rttvarMs": p.rttvar.map(|d| d.as_secs_f64() * 1e3),
+                            "jitterMs": p.jitter.as_secs_f64() * 1e3,
+                            "lossPct": p.loss_pct,
+                            "lossRxPct": p.loss_rx_pct,
+                            "lossTxPct": p.loss_tx_pct,
+                            "lastHeardMsAgo": p.last_heard_ago.map(|d| d.as_millis() as u64),
+                            "score": p.score,
+                            "cost": p.cost,
+                            "probeBytesSent": p.probe_bytes_sent,
+                        })).collect::<Vec<_>>(),
+                    })
+                });
             Some(json!({
-                "name": p.name,
+                "name": name,
                 "publicKey": crate::keys::encode(&s.public_key),
-                "endpoint": s.endpoint.map(|e| e.to_string()),
+                "endpoint": endpoint.as_ref().map(|(e, _)| e.clone()),
+                "localPort": endpoint.and_then(|(_, l)| l),
                 "allowedIps": s.allowed_ips.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "latestHandshakeSecondsAgo": s.last_handshake.map(|d| d.as_secs()),
                 "rxBytes": s.rx_bytes,
                 "txBytes": s.tx_bytes,
                 "spoofedDrops": s.spoofed,
                 "up": s.up,
+                "paths": paths,
             }))
         })
         .collect();
+    let path_stats = core.paths.as_ref().map(|sel| sel.stats());
+    drop(core);
+    let sync = crate::lock(&shared.sync_status).clone();
     json!({
         "node": facts.config.node_name,
         "publicKey": facts.public_key,
         "interface": facts.config.interface,
         "listenPort": facts.config.listen_port,
+        "listenPorts": facts.config.listen_ports,
+        "underlays": facts.config.underlays.iter().map(|u| json!({
+            "interface": u.interface, "port": u.port, "cost": u.cost, "metered": u.metered,
+        })).collect::<Vec<_>>(),
+        "zone": facts.config.zone,
         "mtu": facts.mtu,
         "podCidrs": facts.config.pod_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "tunnelAddresses": facts.config.tunnel_addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -205,7 +251,9 @@ pub fn status(shared: &Shared, facts: &NodeFacts) -> Value {
             "unknownPeer": stats.unknown_peer,
             "podVethsDeleted": VETHS_DELETED.load(std::sync::atomic::Ordering::Relaxed), "spoofed": stats.spoofed, "cryptoErrors": stats.crypto_errors,
         },
+        "pathStats": path_stats,
         "peers": peers,
+        "sync": sync,
     })
 }
 

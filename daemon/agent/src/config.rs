@@ -19,7 +19,10 @@ pub const OVERHEAD_V6: u32 = 80;
 pub struct Config {
     pub node_name: String,
     pub private_key_file: PathBuf,
+    /// The first of `listen_ports`: the socket configured endpoints are reached from.
     pub listen_port: u16,
+    /// One underlay UDP socket per port (each a local end of paths to peers).
+    pub listen_ports: Vec<u16>,
     pub interface: String,
     pub underlay_interfaces: Vec<String>,
     pub pod_cidrs: Vec<IpNet>,
@@ -29,6 +32,56 @@ pub struct Config {
     pub api_socket: PathBuf,
     pub workers: usize,
     pub peers: Vec<PeerConf>,
+    /// One UDP socket each: the local ends of paths to peers.
+    pub underlays: Vec<Underlay>,
+    /// The node's zone (published in its record; informational for now).
+    pub zone: String,
+    /// Where the identity key and the persisted cluster state live.
+    pub state_dir: PathBuf,
+    pub paths: PathsConf,
+    pub sync: SyncConf,
+}
+
+/// A local underlay: a UDP socket, optionally bound to one interface (SO_BINDTODEVICE).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Underlay {
+    /// The interface the socket is bound to; `None` = any (routing decides).
+    pub interface: Option<String>,
+    pub port: u16,
+    /// Operator cost: a metered LTE link costs more than Wi-Fi (path scores add it).
+    pub cost: u32,
+    pub metered: bool,
+    /// Bytes per second the path probes of this underlay may use (all peers together).
+    pub probe_budget: Option<u32>,
+}
+
+/// Path selection settings (`[paths]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathsConf {
+    /// Probe and choose paths per peer; off = plain WireGuard roaming.
+    pub enabled: bool,
+    pub redundancy: Redundancy,
+    /// Use other nodes as relays when no direct path works, and serve as one.
+    pub relay: bool,
+}
+
+/// When to send each packet on two paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redundancy {
+    Off,
+    Auto,
+    Always,
+}
+
+/// Control channel settings (`[sync]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncConf {
+    /// Replicate node records with the other nodes (peers in the config are the seeds).
+    pub enabled: bool,
+    /// UDP port on the tunnel address (traffic stays inside the overlay).
+    pub port: u16,
+    /// Public key (base64 ed25519) of the cluster authority that may delete nodes.
+    pub authority: Option<[u8; 32]>,
 }
 
 /// MTU of mist0 and pods.
@@ -47,6 +100,8 @@ pub struct PeerConf {
     pub endpoints: Vec<SocketAddr>,
     pub pod_cidrs: Vec<IpNet>,
     pub persistent_keepalive: Option<u16>,
+    /// The peer's tunnel address (where its control channel listens), if known.
+    pub tunnel: Option<IpAddr>,
 }
 
 #[derive(Deserialize)]
@@ -56,6 +111,8 @@ struct Raw {
     private_key_file: PathBuf,
     #[serde(default)]
     listen_port: Option<u16>,
+    #[serde(default)]
+    listen_ports: Vec<u16>,
     #[serde(default)]
     interface: Option<String>,
     #[serde(default)]
@@ -73,7 +130,88 @@ struct Raw {
     workers: Option<usize>,
     #[serde(default)]
     peers: Vec<RawPeer>,
+    #[serde(default)]
+    underlay: Vec<RawUnderlay>,
+    #[serde(default)]
+    zone: Option<String>,
+    #[serde(default)]
+    state_dir: Option<PathBuf>,
+    #[serde(default)]
+    paths: RawPaths,
+    #[serde(default)]
+    sync: RawSync,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUnderlay {
+    #[serde(default)]
+    interface: Option<String>,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default)]
+    cost: Option<u32>,
+    #[serde(default)]
+    metered: bool,
+    #[serde(default)]
+    probe_budget: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPaths {
+    /// Path selection on (default).
+    #[serde(default = "yes")]
+    enabled: bool,
+    /// "auto" (default): duplicate over two paths while the best one is lossy.
+    #[serde(default)]
+    redundancy: Option<String>,
+    /// Relays allowed (default).
+    #[serde(default = "yes")]
+    relay: bool,
+}
+
+impl Default for RawPaths {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            redundancy: None,
+            relay: true,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSync {
+    /// Replication on (default).
+    #[serde(default = "yes")]
+    enabled: bool,
+    /// Default 51870.
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default)]
+    authority_key: Option<String>,
+}
+
+impl Default for RawSync {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            port: None,
+            authority_key: None,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Default cost of an underlay (Babel's cost of a wired link is 96; ours is relative only).
+pub const DEFAULT_UNDERLAY_COST: u32 = 10;
+/// Default UDP port of the control channel (inside the overlay).
+pub const DEFAULT_SYNC_PORT: u16 = 51870;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -131,6 +269,7 @@ impl Config {
                 );
             }
         }
+        let underlays = underlays(&raw)?;
         let mtu = match raw.mtu {
             None => Mtu::Auto,
             Some(toml::Value::String(s)) if s == "auto" => Mtu::Auto,
@@ -139,6 +278,25 @@ impl Config {
             }
             Some(other) => bail!("mtu: {other} must be \"auto\" or an integer in 1280..=65535"),
         };
+        let listen_ports: Vec<u16> = underlays.iter().map(|u| u.port).collect();
+        let mut underlay_interfaces = raw.underlay_interfaces.clone();
+        underlay_interfaces.extend(underlays.iter().filter_map(|u| u.interface.clone()));
+        let zone = raw.zone.clone().unwrap_or_default();
+        if zone.len() > 63 {
+            bail!("zone: at most 63 characters");
+        }
+        let redundancy = match raw.paths.redundancy.as_deref() {
+            None | Some("auto") => Redundancy::Auto,
+            Some("off") => Redundancy::Off,
+            Some("always") => Redundancy::Always,
+            Some(other) => bail!("paths.redundancy: {other:?} must be off, auto or always"),
+        };
+        let authority = raw
+            .sync
+            .authority_key
+            .as_deref()
+            .map(|k| crate::keys::decode(k).context("sync.authority_key"))
+            .transpose()?;
         let interface = raw.interface.unwrap_or_else(|| "mist0".into());
         if interface.is_empty() || interface.len() > 15 {
             bail!("interface: {interface:?} must be 1-15 characters");
@@ -178,14 +336,16 @@ impl Config {
                 endpoints,
                 pod_cidrs: pod,
                 persistent_keepalive: p.persistent_keepalive,
+                tunnel: None,
             });
         }
         Ok(Config {
             node_name: raw.node_name,
-            private_key_file: raw.private_key_file,
-            listen_port: raw.listen_port.unwrap_or(DEFAULT_PORT),
+            private_key_file: raw.private_key_file.clone(),
+            listen_port: listen_ports[0],
+            listen_ports,
             interface,
-            underlay_interfaces: raw.underlay_interfaces,
+            underlay_interfaces,
             pod_cidrs,
             tunnel_addresses,
             mtu,
@@ -197,8 +357,91 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from(crate::api::DEFAULT_SOCKET)),
             workers: raw.workers.unwrap_or(2).clamp(1, 16),
             peers,
+            underlays,
+            zone,
+            // Beside the private key by default: one directory holds the node's identity.
+            state_dir: raw.state_dir.clone().unwrap_or_else(|| {
+                raw.private_key_file
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .map_or_else(|| PathBuf::from("/var/lib/mistnet"), Path::to_path_buf)
+            }),
+            paths: PathsConf {
+                enabled: raw.paths.enabled,
+                redundancy,
+                relay: raw.paths.relay,
+            },
+            sync: SyncConf {
+                enabled: raw.sync.enabled,
+                port: raw.sync.port.unwrap_or(DEFAULT_SYNC_PORT),
+                authority,
+            },
         })
     }
+}
+
+/// The underlay sockets: `[[underlay]]` tables, or the legacy `listen_port(s)` (unbound).
+fn underlays(raw: &Raw) -> Result<Vec<Underlay>> {
+    let legacy = raw.listen_port.is_some() || !raw.listen_ports.is_empty();
+    if legacy && !raw.underlay.is_empty() {
+        bail!("underlay, listen_port(s): give [[underlay]] tables or listen ports, not both");
+    }
+    let list: Vec<Underlay> = if raw.underlay.is_empty() {
+        let ports = match (raw.listen_port, raw.listen_ports.is_empty()) {
+            (Some(_), false) => bail!("listen_port, listen_ports: give one of them, not both"),
+            (Some(p), true) => vec![p],
+            (None, true) => vec![DEFAULT_PORT],
+            (None, false) => raw.listen_ports.clone(),
+        };
+        for (i, p) in ports.iter().enumerate() {
+            if ports[..i].contains(p) {
+                bail!("listen_ports[{i}]: port {p} is listed twice");
+            }
+        }
+        ports
+            .into_iter()
+            .map(|port| Underlay {
+                interface: None,
+                port,
+                cost: DEFAULT_UNDERLAY_COST,
+                metered: false,
+                probe_budget: None,
+            })
+            .collect()
+    } else {
+        let mut list = Vec::new();
+        for (i, u) in raw.underlay.iter().enumerate() {
+            if let Some(name) = &u.interface
+                && (name.is_empty() || name.len() > 15)
+            {
+                bail!("underlay[{i}].interface: {name:?} must be 1-15 characters");
+            }
+            let port = u.port.unwrap_or(DEFAULT_PORT);
+            let clash = list.iter().any(|o: &Underlay| {
+                o.port == port
+                    && (o.interface.is_none()
+                        || u.interface.is_none()
+                        || o.interface == u.interface)
+            });
+            if clash {
+                bail!(
+                    "underlay[{i}]: port {port} is already used by another underlay on the same interface"
+                );
+            }
+            list.push(Underlay {
+                interface: u.interface.clone(),
+                port,
+                cost: u.cost.unwrap_or(DEFAULT_UNDERLAY_COST),
+                metered: u.metered,
+                probe_budget: u.probe_budget,
+            });
+        }
+        list
+    };
+    if list.len() > 16 {
+        bail!("underlay: at most 16 sockets");
+    }
+    Ok(list)
 }
 
 fn cidrs(field: &str, list: &[String]) -> Result<Vec<IpNet>> {
@@ -241,6 +484,7 @@ persistent_keepalive = 25
     fn defaults() {
         let c = Config::parse(&base()).unwrap();
         assert_eq!(c.listen_port, 51820);
+        assert_eq!(c.listen_ports, vec![51820]);
         assert_eq!(c.interface, "mist0");
         assert_eq!(c.mtu, Mtu::Auto);
         assert_eq!(
@@ -272,5 +516,50 @@ persistent_keepalive = 25
         );
         assert!(err(&base().replace("node_name", "nodename")).contains("unknown field"));
         assert!(err("not toml [").contains("invalid TOML"));
+        let head = base().split("[[peers]]").next().unwrap().to_owned();
+        assert!(
+            err(&format!("{head}listen_port = 1\nlisten_ports = [2]\n"))
+                .contains("listen_port, listen_ports")
+        );
+        assert!(err(&format!("{head}listen_ports = [7, 7]\n")).contains("listen_ports[1]"));
+        let c = Config::parse(&format!("{head}listen_ports = [7, 8]\n")).unwrap();
+        assert_eq!((c.listen_port, c.listen_ports), (7, vec![7, 8]));
+        assert!(
+            err(&format!(
+                "{head}listen_port = 1\n[[underlay]]\ninterface = \"a\"\n"
+            ))
+            .contains("not both")
+        );
+        assert!(
+            err(&format!(
+                "{head}[[underlay]]\ninterface = \"a\"\n[[underlay]]\ninterface = \"a\"\n"
+            ))
+            .contains("underlay[1]")
+        );
+        assert!(
+            err(&format!("{head}[paths]\nredundancy = \"twice\"\n")).contains("paths.redundancy")
+        );
+        assert!(
+            err(&format!("{head}[sync]\nauthority_key = \"x\"\n")).contains("sync.authority_key")
+        );
+    }
+
+    #[test]
+    fn underlays_with_costs() {
+        let head = base().split("[[peers]]").next().unwrap().to_owned();
+        let c = Config::parse(&format!(
+            "{head}zone = \"field-a\"\n[[underlay]]\ninterface = \"wlan0\"\ncost = 10\n\
+             [[underlay]]\ninterface = \"lte0\"\ncost = 50\nmetered = true\nprobe_budget = 500\n\
+             [paths]\nredundancy = \"off\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.zone, "field-a");
+        assert_eq!(c.listen_ports, vec![51820, 51820]);
+        assert_eq!(c.underlays[1].interface.as_deref(), Some("lte0"));
+        assert_eq!((c.underlays[1].cost, c.underlays[1].metered), (50, true));
+        assert_eq!(c.underlays[1].probe_budget, Some(500));
+        assert_eq!(c.underlay_interfaces, vec!["wlan0", "lte0"]);
+        assert_eq!(c.paths.redundancy, Redundancy::Off);
+        assert!(c.sync.enabled && c.paths.relay);
     }
 }

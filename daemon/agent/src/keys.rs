@@ -44,6 +44,22 @@ pub fn generate() -> Result<[u8; 32]> {
     Ok(k)
 }
 
+/// 32 random bytes to seed a pure core's choices (probe jitter, gossip partners).
+pub fn generate_seed() -> [u8; 32] {
+    generate().unwrap_or_else(|_| {
+        // Without getrandom, the time still differs between nodes and restarts; nothing secret
+        // depends on it.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let mut s = [0u8; 32];
+        s[..16].copy_from_slice(&t.to_le_bytes());
+        s[16..20].copy_from_slice(&std::process::id().to_le_bytes());
+        s
+    })
+}
+
 /// The public key of a private key.
 pub fn public(private: &[u8; 32]) -> [u8; 32] {
     mistnet_overlay::PublicKey::from(&mistnet_overlay::StaticSecret::from(*private)).to_bytes()

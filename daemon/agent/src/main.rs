@@ -8,22 +8,25 @@
 
 mod api;
 mod config;
+mod control;
+mod core;
 mod dataplane;
 mod keys;
+mod peers;
 
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use ipnet::IpNet;
 use mistnet_cni::netlink::Netlink;
 use mistnet_cni::node_state::NodeState;
-use mistnet_overlay::{Node, PeerConfig};
+use mistnet_overlay::Node;
+use mistnet_path::{LocalInfo, Selector};
 use tracing::{info, warn};
 
 use crate::config::{Config, Mtu};
@@ -175,7 +178,13 @@ fn run(config_path: &Path) -> Result<()> {
             } else {
                 config::OVERHEAD_V4
             };
-            underlay_mtu(&config.underlay_interfaces).saturating_sub(overhead)
+            // Relayed datagrams carry an envelope: pods must fit through a relay too.
+            let relay = if config.paths.enabled && config.paths.relay {
+                u32::try_from(mistnet_path::wire::RELAY_OVERHEAD).unwrap_or(64)
+            } else {
+                0
+            };
+            underlay_mtu(&config.underlay_interfaces).saturating_sub(overhead + relay)
         }
     };
     info!(node = %config.node_name, public_key = %public, mtu, "starting");
@@ -198,21 +207,63 @@ fn run(config_path: &Path) -> Result<()> {
         nl.add_address(index, *a, prefix)
             .with_context(|| format!("adding {a} to {}", config.interface))?;
     }
-    let mut routes = BTreeSet::new();
-    apply_routes(&mut nl, index, &config, &mut routes)?;
     enable_forwarding(&config);
 
-    let sock = dataplane::bind_udp(config.listen_port)?;
-    let mut node = Node::new(private, Instant::now());
-    for p in &config.peers {
-        node.upsert_peer(p.name.clone(), peer_config(p));
-    }
+    let socks = config
+        .underlays
+        .iter()
+        .map(|u| dataplane::bind_udp(u.port, u.interface.as_deref()))
+        .collect::<Result<Vec<_>>>()?;
+    let now = Instant::now();
+    let unix_time = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .context("the system clock is before 1970")?;
+    let node = Node::new(private, now, unix_time);
+    let selector = config.paths.enabled.then(|| {
+        Selector::new(
+            path_config(&config),
+            core::short_id(&keys::public(&private)),
+            keys::generate_seed(),
+            now,
+        )
+    });
+    let locals = config
+        .underlays
+        .iter()
+        .enumerate()
+        .filter_map(|(i, u)| {
+            let id = dataplane::SockId::try_from(i).ok()?;
+            let name = u
+                .interface
+                .clone()
+                .unwrap_or_else(|| format!("udp{}", u.port));
+            Some((
+                id,
+                name,
+                LocalInfo {
+                    cost: u.cost,
+                    metered: u.metered,
+                    probe_budget: u.probe_budget,
+                },
+            ))
+        })
+        .collect();
+    let core = core::Core::new(node, selector, private, locals, config.paths.relay);
     let shared = Arc::new(dataplane::Shared {
-        node: Mutex::new(node),
-        sock,
+        core: Mutex::new(core),
+        socks,
         tun,
         stopping: false.into(),
+        observed: Mutex::new(BTreeSet::new()),
+        sync_status: Mutex::new(None),
     });
+    let reconciler = Arc::new(Mutex::new(peers::Reconciler::new(
+        nl,
+        index,
+        config.node_name.clone(),
+        config.peers.clone(),
+    )));
+    lock(&reconciler).apply(&shared)?;
     let facts = Arc::new(RwLock::new(api::NodeFacts {
         config: config.clone(),
         mtu,
@@ -221,6 +272,16 @@ fn run(config_path: &Path) -> Result<()> {
     let deleter = api::spawn_deleter(config.interface.clone())?;
     api::serve(&config.api_socket, shared.clone(), facts.clone(), deleter)?;
     dataplane::spawn(&shared, config.workers)?;
+    let control = if config.sync.enabled {
+        Some(control::spawn(
+            &config,
+            &private,
+            shared.clone(),
+            reconciler.clone(),
+        )?)
+    } else {
+        None
+    };
 
     NodeState::new(config.node_name.clone(), config.pod_cidrs.clone(), mtu)
         .store(&config.node_state_file)
@@ -235,7 +296,7 @@ fn run(config_path: &Path) -> Result<()> {
             continue;
         }
         if sig == libc::SIGHUP {
-            match reload(config_path, &shared, &facts, &mut nl, index, &mut routes) {
+            match reload(config_path, &shared, &facts, &reconciler) {
                 Ok(n) => info!(peers = n, "reloaded"),
                 Err(e) => warn!("reload failed, keeping the running config: {e:#}"),
             }
@@ -243,55 +304,40 @@ fn run(config_path: &Path) -> Result<()> {
         }
         info!(signal = sig, "stopping");
         shared.stopping.store(true, Ordering::Relaxed);
-        for r in &routes {
-            let _ = nl.delete_route(*r, index);
+        if let Some(c) = control {
+            c.stop();
         }
-        let _ = nl.delete_link(index);
+        let mut rec = lock(&reconciler);
+        rec.remove_routes();
+        rec.delete_link();
         let _ = std::fs::remove_file(&config.api_socket);
         return Ok(());
     }
 }
 
-fn peer_config(p: &config::PeerConf) -> PeerConfig {
-    PeerConfig {
-        public_key: p.public_key,
-        endpoint: p.endpoints.first().copied(),
-        allowed_ips: p.pod_cidrs.clone(),
-        persistent_keepalive: p.persistent_keepalive,
-    }
+/// Locks a mutex, taking over a poisoned one (the guarded state stays consistent between
+/// calls: a panicking holder never leaves it half-changed).
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Makes the routes through the overlay device match the config: one per remote pod CIDR.
-fn apply_routes(
-    nl: &mut Netlink,
-    index: u32,
-    config: &Config,
-    installed: &mut BTreeSet<IpNet>,
-) -> Result<()> {
-    let wanted: BTreeSet<IpNet> = config
-        .peers
-        .iter()
-        .flat_map(|p| p.pod_cidrs.iter().copied())
-        .collect();
-    for r in installed.difference(&wanted) {
-        nl.delete_route(*r, index)
-            .with_context(|| format!("removing route {r}"))?;
-    }
-    for r in wanted.difference(installed) {
-        nl.replace_route(*r, index)
-            .with_context(|| format!("adding route {r}"))?;
-    }
-    *installed = wanted;
-    Ok(())
+/// The selector's settings from the config.
+fn path_config(config: &Config) -> mistnet_path::Config {
+    let mut c = mistnet_path::Config::default();
+    c.redundancy = match config.paths.redundancy {
+        config::Redundancy::Off => mistnet_path::Redundancy::Off,
+        config::Redundancy::Auto => mistnet_path::Redundancy::Auto,
+        config::Redundancy::Always => mistnet_path::Redundancy::Always,
+    };
+    c.relay_allowed = config.paths.relay;
+    c
 }
 
 fn reload(
     path: &Path,
     shared: &dataplane::Shared,
     facts: &RwLock<api::NodeFacts>,
-    nl: &mut Netlink,
-    index: u32,
-    routes: &mut BTreeSet<IpNet>,
+    reconciler: &Mutex<peers::Reconciler>,
 ) -> Result<usize> {
     let new = Config::load(path)?;
     let old = facts
@@ -301,27 +347,15 @@ fn reload(
         .clone();
     if new.node_name != old.node_name
         || new.pod_cidrs != old.pod_cidrs
-        || new.listen_port != old.listen_port
+        || new.underlays != old.underlays
     {
-        bail!("node_name, pod_cidrs and listen_port need a restart");
+        bail!("node_name, pod_cidrs and the underlays (listen ports) need a restart");
     }
-    {
-        let mut node = shared.node();
-        let keep: BTreeSet<&str> = new.peers.iter().map(|p| p.name.as_str()).collect();
-        let gone: Vec<String> = node
-            .peer_ids()
-            .filter(|id| !keep.contains(id.as_str()))
-            .cloned()
-            .collect();
-        for id in gone {
-            node.remove_peer(&id);
-        }
-        for p in &new.peers {
-            node.upsert_peer(p.name.clone(), peer_config(p));
-        }
-    }
-    apply_routes(nl, index, &new, routes)?;
-    let n = new.peers.len();
+    let n = {
+        let mut rec = lock(reconciler);
+        rec.set_configured(new.peers.clone());
+        rec.apply(shared)?
+    };
     facts
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner)

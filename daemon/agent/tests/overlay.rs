@@ -435,3 +435,55 @@ fn sighup_reload_keeps_sessions() {
     );
     assert!(lab.logs().contains("reloaded"), "{}", lab.logs());
 }
+
+#[test]
+fn second_underlay_socket_carries_a_peer_and_replies_follow_it() {
+    let mut lab = Lab::up(&spec("ovsock", 2, 1)).unwrap();
+    // n1 listens on two ports; n2 reaches n1 on the second one only.
+    let (n1_dir, n2_dir) = (
+        lab.node("n1").unwrap().dir.clone(),
+        lab.node("n2").unwrap().dir.clone(),
+    );
+    let n1_underlay = lab.node("n1").unwrap().underlay.to_string();
+    let n1_conf = std::fs::read_to_string(n1_dir.join("mistnetd.toml")).unwrap();
+    std::fs::write(
+        n1_dir.join("mistnetd.toml"),
+        // Plain WireGuard roaming (no path selector) is what this test is about.
+        format!("listen_ports = [51820, 51821]\n{n1_conf}\n[paths]\nenabled = false\n"),
+    )
+    .unwrap();
+    let n2_conf = std::fs::read_to_string(n2_dir.join("mistnetd.toml")).unwrap();
+    let old = format!("\"{n1_underlay}:51820\"");
+    assert!(n2_conf.contains(&old), "{n2_conf}");
+    std::fs::write(
+        n2_dir.join("mistnetd.toml"),
+        format!(
+            "{}\n[paths]\nenabled = false\n",
+            n2_conf.replace(&old, &format!("\"{n1_underlay}:51821\""))
+        ),
+    )
+    .unwrap();
+    lab.restart_daemon("n1").unwrap();
+    lab.restart_daemon("n2").unwrap();
+    let a = ip(&lab, "n1-p1");
+    // n2 speaks first, so n1 learns n2 on its second socket and answers from it.
+    assert!(
+        lab.ping("n2-p1", &a, 3).unwrap(),
+        "ping over the second socket\n{}",
+        lab.logs()
+    );
+    let st1 = lab.daemon_status("n1").unwrap();
+    assert_eq!(
+        st1["listenPorts"],
+        serde_json::json!([51820, 51821]),
+        "{st1:#}"
+    );
+    assert_eq!(st1["peers"][0]["localPort"], 51821, "{st1:#}");
+    let st2 = lab.daemon_status("n2").unwrap();
+    assert_eq!(
+        st2["peers"][0]["endpoint"],
+        format!("{n1_underlay}:51821"),
+        "{st2:#}"
+    );
+    assert!(lab.ping("n1-p1", &ip(&lab, "n2-p1"), 2).unwrap());
+}

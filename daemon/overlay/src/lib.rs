@@ -1,7 +1,7 @@
 //! Sans-IO WireGuard overlay core of mistnetd: pure logic, no sockets, no TUN, no threads.
 //!
-//! A [`Node`] holds one boringtun [`Tunn`] per peer and the cryptokey routing table
-//! ([`AllowedIps`]). The I/O shell feeds it packets read from the TUN device
+//! A [`Node`] holds one WireGuard [`Tunn`] per peer (boringtun 0.7.1's, from the
+//! time-injected fork `mistnet-noise`) and the cryptokey routing table ([`AllowedIps`]). The I/O shell feeds it packets read from the TUN device
 //! ([`Node::handle_tun_packet`]), datagrams read from UDP sockets ([`Node::handle_datagram`]) and
 //! timer ticks ([`Node::handle_timeout`]), and carries out what it returns: a datagram to send,
 //! a packet to write to the TUN device, or queued output drained with [`Node::poll_transmit`]
@@ -12,19 +12,27 @@
 //! - A decrypted packet reaches the caller only if its inner source address belongs to the
 //!   peer it came from (longest-prefix match over all peers' allowed IPs); others are dropped
 //!   and counted ([`Stats::spoofed`]).
-//! - A peer's endpoint follows the source address of its latest authenticated datagram
-//!   (roaming), which is what keeps nodes behind NAT and on changing links reachable.
+//! - Datagrams travel on a [`Path`]: a local underlay socket (the caller's id `S`) and a
+//!   remote address. A peer's active path follows the path of its latest authenticated
+//!   datagram (roaming), which is what keeps nodes behind NAT and on changing links reachable.
+//!   [`Node::set_active_path`] lets a path selector override it; every [`Encap::Send`] names
+//!   the path, and the caller may send the datagram on any other path of the peer too
+//!   (per-packet choice, duplication): WireGuard's replay window drops duplicates.
 //! - Handshakes, rekeying, keepalives and session expiry follow WireGuard's timers as
 //!   implemented by boringtun; the core calls `update_timers` on every peer at least every
 //!   [`TIMER_TICK`].
 //! - Datagrams that are not WireGuard messages (types outside 1..=4) are returned to the caller
 //!   as [`Decap::Foreign`]: the hook for mistnet's own path probes and relay envelopes.
 //!
-//! Time: `now` is passed in everywhere and drives the core's own timers. boringtun 0.7 also
-//! reads the monotonic clock inside `Tunn` (it has no `*_at(now)` API); tests that need to move
-//! WireGuard's timers (rekey, expiry, keepalive) enable the `mock-clock` feature, which switches
-//! boringtun to its mock clock, in a separate test run. Carrying a boringtun patch with
-//! time-injected calls (as Firezone does) would remove that exception.
+//! Time: `now` is passed in everywhere and is the only clock: it drives the core's timers and,
+//! through `mistnet-noise`'s `*_at(now)` calls, WireGuard's (handshake retries, rekey,
+//! keepalive, expiry). boringtun 0.7.1 itself reads the clock inside `Tunn`; the fork exists
+//! to take that out (as Firezone does), so tests move time by passing later instants. The
+//! wall-clock time given to [`Node::new`] seeds handshake timestamps (WireGuard's replay
+//! protection for initiations needs them to grow across restarts).
+//!
+//! Randomness: handshake ephemeral keys, session indexes' low bits and cookie secrets come
+//! from the OS inside `mistnet-noise` (key material must not be seedable).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod allowed_ips;
@@ -35,12 +43,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use allowed_ips::AllowedIps;
-use boringtun::noise::errors::WireGuardError;
-use boringtun::noise::handshake::parse_handshake_anon;
-use boringtun::noise::rate_limiter::RateLimiter;
-use boringtun::noise::{Packet, Tunn, TunnResult};
-pub use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::IpNet;
+use mistnet_noise::noise::errors::WireGuardError;
+use mistnet_noise::noise::handshake::parse_handshake_anon;
+use mistnet_noise::noise::rate_limiter::RateLimiter;
+use mistnet_noise::noise::{Packet, Tunn, TunnResult};
+pub use mistnet_noise::x25519::{PublicKey, StaticSecret};
 use tracing::{debug, trace};
 
 /// How often every peer's WireGuard timers must be updated.
@@ -55,12 +63,26 @@ const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// A 32-byte X25519 key.
 pub type Key = [u8; 32];
 
+/// Where a datagram goes or came from: a local underlay socket and a remote address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Path<S> {
+    /// The caller's id of the local socket.
+    pub local: S,
+    pub remote: SocketAddr,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Display for Path<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}->{}", self.local, self.remote)
+    }
+}
+
 /// How to reach and what to accept from one peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerConfig {
+pub struct PeerConfig<S> {
     pub public_key: Key,
     /// Where to send until the peer is heard from (roaming then takes over).
-    pub endpoint: Option<SocketAddr>,
+    pub endpoint: Option<Path<S>>,
     /// Inner addresses this peer may send from and is routed to.
     pub allowed_ips: Vec<IpNet>,
     /// Seconds between keepalives when idle; keeps NAT mappings open.
@@ -69,11 +91,11 @@ pub struct PeerConfig {
 
 /// What to do with a packet read from the TUN device.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Encap<'a, P> {
+pub enum Encap<'a, P, S> {
     /// Send `datagram` (in the caller's buffer) to `dst`.
     Send {
         peer: P,
-        dst: SocketAddr,
+        path: Path<S>,
         datagram: &'a [u8],
     },
     /// Queued inside the peer's tunnel until its handshake completes.
@@ -124,21 +146,21 @@ impl DropReason {
 
 /// A datagram queued by the core (handshake replies, keepalives, flushed queues).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Transmit<P> {
+pub struct Transmit<P, S> {
     pub peer: P,
-    pub dst: SocketAddr,
+    pub path: Path<S>,
     pub payload: Vec<u8>,
 }
 
 /// Something the shell may want to log or export.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event<P> {
+pub enum Event<P, S> {
     /// A session with the peer was established (first or after having been down).
     PeerUp(P),
     /// The peer's session expired without a new handshake.
     PeerDown(P),
-    /// The peer was heard from a new address.
-    EndpointChanged { peer: P, endpoint: SocketAddr },
+    /// The peer was heard on a new path (roaming), which is now its active path.
+    PathChanged { peer: P, path: Path<S> },
 }
 
 /// Node-wide counters.
@@ -154,9 +176,9 @@ pub struct Stats {
 
 /// A peer's state as shown by `mistnetd status`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct PeerStatus {
+pub struct PeerStatus<S> {
     pub public_key: Key,
-    pub endpoint: Option<SocketAddr>,
+    pub path: Option<Path<S>>,
     pub allowed_ips: Vec<IpNet>,
     pub last_handshake: Option<Duration>,
     pub tx_bytes: usize,
@@ -165,41 +187,52 @@ pub struct PeerStatus {
     pub up: bool,
 }
 
-struct Peer {
+struct Peer<S> {
     tunn: Tunn,
-    config: PeerConfig,
-    endpoint: Option<SocketAddr>,
+    config: PeerConfig<S>,
+    path: Option<Path<S>>,
     index: u32,
     up: bool,
     spoofed: u64,
 }
 
-/// The overlay of one node, generic over the caller's peer id.
-pub struct Node<P> {
+/// The overlay of one node, generic over the caller's peer id `P` and socket id `S`.
+pub struct Node<P, S> {
     private: StaticSecret,
     public: PublicKey,
     rate_limiter: Arc<RateLimiter>,
-    peers: BTreeMap<P, Peer>,
+    /// Wall-clock time at `created` (seeds handshake timestamps).
+    unix_time: Duration,
+    created: Instant,
+    peers: BTreeMap<P, Peer<S>>,
     by_index: BTreeMap<u32, P>,
     by_key: BTreeMap<Key, P>,
     table: AllowedIps<P>,
     next_index: u32,
-    transmits: VecDeque<Transmit<P>>,
-    events: VecDeque<Event<P>>,
+    transmits: VecDeque<Transmit<P, S>>,
+    events: VecDeque<Event<P, S>>,
     next_tick: Option<Instant>,
     stats: Stats,
     scratch: Vec<u8>,
+    roaming: bool,
 }
 
-impl<P: Ord + Clone + std::fmt::Debug> Node<P> {
-    /// Creates a node with its private key.
-    pub fn new(private_key: Key, now: Instant) -> Self {
+impl<P, S> Node<P, S>
+where
+    P: Ord + Clone + std::fmt::Debug,
+    S: Copy + Ord + std::fmt::Debug,
+{
+    /// Creates a node with its private key. `unix_time` is the wall-clock time at `now`
+    /// (since the Unix epoch).
+    pub fn new(private_key: Key, now: Instant, unix_time: Duration) -> Self {
         let private = StaticSecret::from(private_key);
         let public = PublicKey::from(&private);
         Self {
-            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            rate_limiter: Arc::new(RateLimiter::new_at(&public, HANDSHAKE_RATE_LIMIT, now)),
             private,
             public,
+            unix_time,
+            created: now,
             peers: BTreeMap::new(),
             by_index: BTreeMap::new(),
             by_key: BTreeMap::new(),
@@ -210,6 +243,7 @@ impl<P: Ord + Clone + std::fmt::Debug> Node<P> {
             next_tick: Some(now + TIMER_TICK),
             stats: Stats::default(),
             scratch: vec![0; MIN_BUFFER],
+            roaming: true,
         }
     }
 
@@ -220,14 +254,16 @@ impl<P: Ord + Clone + std::fmt::Debug> Node<P> {
 
     /// Adds a peer or updates one. An existing peer with the same key keeps its sessions (a
     /// configuration reload does not interrupt traffic); a changed key starts over.
-    pub fn upsert_peer(&mut self, id: P, config: PeerConfig) {
+    pub fn upsert_peer(&mut self, id: P, config: PeerConfig<S>, now: Instant) {
         if let Some(p) = self.peers.get_mut(&id)
             && p.config.public_key == config.public_key
         {
-            if config.endpoint.is_some() && p.endpoint.is_none() {
-                p.endpoint = config.endpoint;
+            if config.endpoint.is_some() && p.path.is_none() {
+                p.path = config.endpoint;
             }
-            p.tunn_keepalive_unchanged(&config);
+            if config.persistent_keepalive != p.config.persistent_keepalive {
+                p.tunn.set_persistent_keepalive(config.persistent_keepalive);
+            }
             p.config = config.clone();
             self.table.remove_peer(&id);
             for net in &config.allowed_ips {
@@ -240,13 +276,15 @@ impl<P: Ord + Clone + std::fmt::Debug> Node<P> {
         let index = self.next_index;
         // Session indexes are index << 8 | session; 24 bits of peer index.
         self.next_index = (self.next_index % 0x00ff_ffff) + 1;
-        let tunn = Tunn::new(
+        let tunn = Tunn::new_at(
             self.private.clone(),
             PublicKey::from(config.public_key),
             None,
             config.persistent_keepalive,
             index,
             Some(self.rate_limiter.clone()),
+            now,
+            self.unix_time + now.saturating_duration_since(self.created),
         );
         for net in &config.allowed_ips {
             self.table.insert(*net, id.clone());
@@ -258,7 +296,7 @@ impl<P: Ord + Clone + std::fmt::Debug> Node<P> {
             id,
             Peer {
                 tunn,
-                endpoint: config.endpoint,
+                path: config.endpoint,
                 config,
                 index,
                 up: false,
@@ -282,13 +320,35 @@ impl<P: Ord + Clone + std::fmt::Debug> Node<P> {
         self.peers.keys()
     }
 
+    /// Turns roaming on (the default) or off. Off, a path selector owns every peer's active
+    /// path: an authenticated datagram only sets the path of a peer that has none yet, and
+    /// [`Event::PathChanged`] is not emitted after that.
+    pub fn set_roaming(&mut self, on: bool) {
+        self.roaming = on;
+    }
+
+    /// Makes `path` the peer's active path (for a path selector; roaming moves it again when
+    /// the peer is heard on another path). Returns false for an unknown peer.
+    pub fn set_active_path(&mut self, id: &P, path: Path<S>) -> bool {
+        let Some(p) = self.peers.get_mut(id) else {
+            return false;
+        };
+        p.path = Some(path);
+        true
+    }
+
+    /// The peer owning an inner destination address (the cryptokey routing lookup).
+    pub fn route(&self, dst: IpAddr) -> Option<&P> {
+        self.table.lookup(dst)
+    }
+
     /// Encrypts a packet read from the TUN device for the peer owning its destination.
     pub fn handle_tun_packet<'a>(
         &mut self,
         packet: &[u8],
         buf: &'a mut [u8],
-        _now: Instant,
-    ) -> Encap<'a, P> {
+        now: Instant,
+    ) -> Encap<'a, P, S> {
         let Some(dst) = Tunn::dst_address(packet) else {
             return Encap::Malformed;
         };
@@ -300,15 +360,15 @@ impl<P: Ord + Clone + std::fmt::Debug> Node<P> {
         let Some(peer) = self.peers.get_mut(&id) else {
             return Encap::NoRoute;
         };
-        let Some(endpoint) = peer.endpoint else {
+        let Some(path) = peer.path else {
             return Encap::NoEndpoint { peer: id };
         };
-        match peer.tunn.encapsulate(packet, buf) {
+        match peer.tunn.encapsulate_at(packet, buf, now) {
             TunnResult::WriteToNetwork(datagram) => {
                 self.stats.tx_packets += 1;
                 Encap::Send {
                     peer: id,
-                    dst: endpoint,
+                    path,
                     datagram,
                 }
             }
@@ -323,14 +383,15 @@ impl<P: Ord + Clone + std::fmt::Debug> Node<P> {
         }
     }
 
-    /// Handles a datagram from the network.
+    /// Handles a datagram that arrived on `path` (local socket, remote source address).
     pub fn handle_datagram<'a>(
         &mut self,
-        src: SocketAddr,
+        path: Path<S>,
         datagram: &[u8],
         buf: &'a mut [u8],
-        _now: Instant,
+        now: Instant,
     ) -> Decap<'a, P> {
+        let src = path.remote;
         let Some(id) = self.peer_for(datagram) else {
             return match Tunn::parse_incoming_packet(datagram) {
                 Err(_) => Decap::Foreign,
@@ -344,13 +405,15 @@ impl<P: Ord + Clone + std::fmt::Debug> Node<P> {
             self.stats.unknown_peer += 1;
             return Decap::Dropped(DropReason::UnknownPeer);
         };
-        let result = peer.tunn.decapsulate(Some(src.ip()), datagram, buf);
-        let authenticated = !matches!(result, TunnResult::Err(_));
-        if authenticated && peer.endpoint != Some(src) {
-            peer.endpoint = Some(src);
-            self.events.push_back(Event::EndpointChanged {
+        let result = peer.tunn.decapsulate_at(Some(src.ip()), datagram, buf, now);
+        // A cookie reply demanded by our rate limiter is sent before authentication.
+        let authenticated = !matches!(result, TunnResult::Err(_))
+            && !(matches!(result, TunnResult::WriteToNetwork(ref r) if r.first() == Some(&3)));
+        if authenticated && peer.path != Some(path) && (self.roaming || peer.path.is_none()) {
+            peer.path = Some(path);
+            self.events.push_back(Event::PathChanged {
                 peer: id.clone(),
-                endpoint: src,
+                path,
             });
         }
         if authenticated && !peer.up && peer.tunn.time_since_last_handshake().is_some() {
@@ -362,16 +425,16 @@ impl<P: Ord + Clone + std::fmt::Debug> Node<P> {
             TunnResult::WriteToNetwork(reply) => {
                 self.transmits.push_back(Transmit {
                     peer: id.clone(),
-                    dst: src,
+                    path,
                     payload: reply.to_vec(),
                 });
                 // Packets queued during the handshake go out now.
                 while let TunnResult::WriteToNetwork(p) =
-                    peer.tunn.decapsulate(None, &[], &mut self.scratch)
+                    peer.tunn.decapsulate_at(None, &[], &mut self.scratch, now)
                 {
                     self.transmits.push_back(Transmit {
                         peer: id.clone(),
-                        dst: src,
+                        path,
                         payload: p.to_vec(),
                     });
                 }
@@ -425,12 +488,12 @@ impl<P: Ord + Clone + std::fmt::Debug> Node<P> {
         }
         self.next_tick = Some(now + TIMER_TICK);
         for (id, peer) in &mut self.peers {
-            match peer.tunn.update_timers(&mut self.scratch) {
+            match peer.tunn.update_timers_at(&mut self.scratch, now) {
                 TunnResult::WriteToNetwork(p) => {
-                    if let Some(dst) = peer.endpoint {
+                    if let Some(path) = peer.path {
                         self.transmits.push_back(Transmit {
                             peer: id.clone(),
-                            dst,
+                            path,
                             payload: p.to_vec(),
                         });
                     }
@@ -456,12 +519,12 @@ impl<P: Ord + Clone + std::fmt::Debug> Node<P> {
     }
 
     /// The next queued datagram.
-    pub fn poll_transmit(&mut self) -> Option<Transmit<P>> {
+    pub fn poll_transmit(&mut self) -> Option<Transmit<P, S>> {
         self.transmits.pop_front()
     }
 
     /// The next event.
-    pub fn poll_event(&mut self) -> Option<Event<P>> {
+    pub fn poll_event(&mut self) -> Option<Event<P, S>> {
         self.events.pop_front()
     }
 
@@ -470,13 +533,18 @@ impl<P: Ord + Clone + std::fmt::Debug> Node<P> {
         self.stats
     }
 
+    /// A peer's current path (cheap: for per-packet decisions).
+    pub fn peer_path(&self, id: &P) -> Option<Path<S>> {
+        self.peers.get(id).and_then(|p| p.path)
+    }
+
     /// A peer's state.
-    pub fn peer_status(&self, id: &P) -> Option<PeerStatus> {
+    pub fn peer_status(&self, id: &P) -> Option<PeerStatus<S>> {
         let p = self.peers.get(id)?;
         let (last_handshake, tx_bytes, rx_bytes, _, _) = p.tunn.stats();
         Some(PeerStatus {
             public_key: p.config.public_key,
-            endpoint: p.endpoint,
+            path: p.path,
             allowed_ips: p.config.allowed_ips.clone(),
             last_handshake,
             tx_bytes,
@@ -484,16 +552,6 @@ impl<P: Ord + Clone + std::fmt::Debug> Node<P> {
             spoofed: p.spoofed,
             up: p.up,
         })
-    }
-}
-
-impl Peer {
-    /// Keepalive changes need a new Tunn in boringtun 0.7; they are applied on the next
-    /// handshake-free restart. Logged so an operator knows.
-    fn tunn_keepalive_unchanged(&self, new: &PeerConfig) {
-        if new.persistent_keepalive != self.config.persistent_keepalive {
-            debug!("persistent keepalive change takes effect when the peer is re-added");
-        }
     }
 }
 

@@ -12,6 +12,7 @@ use tracing::{debug, info, warn};
 
 use crate::cni::{ConfList, Runtime};
 use crate::ns;
+use crate::topology::{Nat, Network, Topology, WG_PORT};
 
 /// Root of every lab's state.
 pub const STATE_ROOT: &str = "/run/mistlab";
@@ -45,8 +46,14 @@ pub struct LabSpec {
     /// Emulated underlay: the profile of every link (a netbench preset such as `lte`, or a
     /// spec such as `delay=20ms loss=1%`). `None` and no topology: an ideal bridge.
     pub profile: Option<String>,
-    /// Emulated underlay: a netbench profile file with per-link profiles and schedules.
+    /// Emulated underlay: a topology file (networks, nodes, zones, NAT, per-link profiles and
+    /// schedules; see [`Topology`]).
     pub topology: Option<PathBuf>,
+    /// Emulated underlay: a topology built in Rust (instead of `topology`).
+    pub layout: Option<Topology>,
+    /// Start mistnetd on every node (`false`: configs and keys are written, the lab publishes
+    /// the node state itself, for tests of the lab's wiring).
+    pub daemons: bool,
 }
 
 impl LabSpec {
@@ -61,6 +68,35 @@ impl LabSpec {
             bin_dir: default_bin_dir(),
             profile: None,
             topology: None,
+            layout: None,
+            daemons: true,
+        }
+    }
+
+    /// The same spec with an emulated underlay described by `topology`.
+    pub fn with_topology(mut self, topology: Topology) -> Self {
+        self.layout = Some(topology);
+        self
+    }
+
+    /// The same spec with a topology parsed from TOML text (the `--topology` file format).
+    pub fn with_topology_str(self, text: &str) -> Result<Self> {
+        Ok(self.with_topology(Topology::parse(text)?))
+    }
+
+    /// The same spec without mistnetd (see [`LabSpec::daemons`]).
+    pub fn without_daemons(mut self) -> Self {
+        self.daemons = false;
+        self
+    }
+
+    /// The topology this spec asks for, if any.
+    pub fn resolve_topology(&self) -> Result<Option<Topology>> {
+        match (&self.topology, &self.layout) {
+            (Some(_), Some(_)) => bail!("give a topology file or a built topology, not both"),
+            (Some(path), None) => Ok(Some(Topology::load(path)?)),
+            (None, Some(t)) => Ok(Some(t.clone())),
+            (None, None) => Ok(None),
         }
     }
 }
@@ -84,13 +120,73 @@ pub fn default_bin_dir() -> PathBuf {
 pub struct NodeInfo {
     pub name: String,
     pub netns: String,
+    /// The node's own address on its first underlay interface (behind NAT: a private one).
     pub underlay: Ipv4Addr,
+    /// Every underlay interface, in network order.
+    #[serde(default)]
+    pub interfaces: Vec<Interface>,
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// The NAT router in front of the node.
+    #[serde(default)]
+    pub router: Option<RouterInfo>,
     pub pod_cidrs: Vec<String>,
     pub dir: PathBuf,
     #[serde(default)]
     pub daemon_pid: Option<u32>,
     #[serde(default)]
     pub public_key: Option<String>,
+}
+
+impl NodeInfo {
+    /// The interface on a network.
+    pub fn interface(&self, network: &str) -> Result<&Interface> {
+        self.interfaces
+            .iter()
+            .find(|i| i.network == network)
+            .with_context(|| format!("node {} is not on network {network}", self.name))
+    }
+
+    /// The address others reach this node at on a network (the router's, behind NAT).
+    pub fn wan_addr(&self, network: &str) -> Result<Ipv4Addr> {
+        Ok(self.interface(network)?.wan_addr)
+    }
+}
+
+/// One underlay interface of a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Interface {
+    /// The network, which is also the interface name.
+    pub network: String,
+    /// The node's own address (behind NAT: on the link to its router).
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+    /// The address the node has on the network: its own, or its router's behind NAT.
+    pub wan_addr: Ipv4Addr,
+}
+
+/// The NAT router namespace in front of a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouterInfo {
+    /// Name used with [`Lab::exec`]: the node's name plus `r` (`n1r`).
+    pub name: String,
+    pub netns: String,
+    pub nat: Nat,
+    /// UDP 51820 on the router's WAN addresses is forwarded to the node.
+    pub port_forward: bool,
+}
+
+/// One underlay network of a running lab.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetworkInfo {
+    pub name: String,
+    pub subnet: String,
+    pub cost: u32,
+    pub metered: bool,
+    /// The pid of this network's `netbench emulate`; `None` on the plain bridge.
+    pub emulator_pid: Option<u32>,
+    /// The emulator's control socket.
+    pub control: PathBuf,
 }
 
 /// A pod of the lab.
@@ -121,6 +217,12 @@ struct LabState {
     emulator_pid: Option<u32>,
     #[serde(default)]
     links: BTreeMap<String, LinkImpairment>,
+    /// Underlay networks in order (one `wan0` without a topology).
+    #[serde(default)]
+    networks: Vec<NetworkInfo>,
+    /// The topology has `[networks]`: mistnetd gets `[[underlay]]` tables and zones.
+    #[serde(default)]
+    multi_underlay: bool,
     overlay: Overlay,
     wan_ns: String,
     bin_dir: PathBuf,
@@ -198,6 +300,8 @@ impl Lab {
             nodes: Vec::new(),
             pods: Vec::new(),
             links: BTreeMap::new(),
+            networks: Vec::new(),
+            multi_underlay: false,
             emulator_pid: None,
         };
         let mut lab = Lab {
@@ -216,7 +320,32 @@ impl Lab {
     }
 
     fn build(&mut self, spec: &LabSpec) -> Result<()> {
-        let emulated = spec.profile.is_some() || spec.topology.is_some();
+        let topology = spec.resolve_topology()?;
+        let emulated = spec.profile.is_some() || topology.is_some();
+        if let Some(t) = &topology {
+            t.validate(spec.nodes).context("invalid topology")?;
+        }
+        let topo = topology.unwrap_or_default();
+        ensure!(
+            spec.overlay == Overlay::Mistnet || topo.nodes.values().all(|n| n.nat == Nat::None),
+            "the routed overlay does not support NAT (use the mistnet overlay)"
+        );
+        self.state.multi_underlay = topo.has_networks();
+        for (k, net) in topo.effective_networks().iter().enumerate() {
+            let control = if k == 0 {
+                self.dir.join("emulate.sock")
+            } else {
+                self.dir.join(format!("emulate-{}.sock", net.name))
+            };
+            self.state.networks.push(NetworkInfo {
+                name: net.name.clone(),
+                subnet: net.subnet.to_string(),
+                cost: net.cost,
+                metered: net.metered,
+                emulator_pid: None,
+                control,
+            });
+        }
         if !emulated {
             let wan = self.state.wan_ns.clone();
             ns::add(&wan)?;
@@ -225,16 +354,18 @@ impl Lab {
         }
         self.save()?;
         for i in 1..=spec.nodes {
-            let node = self.add_node(i, spec.dual_stack, !emulated)?;
+            let node = self.add_node(i, spec.dual_stack, !emulated, &topo)?;
             self.state.nodes.push(node);
             self.save()?;
         }
         if emulated {
-            self.start_emulator(spec)?;
+            for (k, net) in topo.effective_networks().iter().enumerate() {
+                self.start_emulator(spec, &topo, k, net)?;
+            }
         }
         match spec.overlay {
             Overlay::Routed => self.install_routes()?,
-            Overlay::Mistnet => {
+            Overlay::Mistnet if spec.daemons => {
                 self.write_daemon_configs()?;
                 for n in 0..self.state.nodes.len() {
                     self.start_daemon(n)?;
@@ -242,6 +373,13 @@ impl Lab {
                 self.save()?;
                 for n in 0..self.state.nodes.len() {
                     self.wait_ready(n)?;
+                }
+            }
+            Overlay::Mistnet => {
+                self.write_daemon_configs()?;
+                // No daemon publishes the node state; the lab does, so the CNI plugin works.
+                for n in &self.state.nodes {
+                    write_node_state(n)?;
                 }
             }
         }
@@ -255,26 +393,68 @@ impl Lab {
         Ok(())
     }
 
-    fn add_node(&mut self, i: usize, dual_stack: bool, bridge: bool) -> Result<NodeInfo> {
+    fn add_node(
+        &mut self,
+        i: usize,
+        dual_stack: bool,
+        bridge: bool,
+        topo: &Topology,
+    ) -> Result<NodeInfo> {
         let name = format!("n{i}");
         let netns = format!("{}{name}", ns_prefix(&self.state.name));
         let dir = self.dir.join(&name);
         std::fs::create_dir_all(&dir)?;
         ns::add(&netns)?;
-        let octet = u8::try_from(i).context("node index")?;
-        let underlay = Ipv4Addr::new(10, 99, 0, octet);
+        let node_spec = topo.node(&name);
+        let nets = topo.node_networks(&name);
+        let router = match node_spec.nat {
+            Nat::None => None,
+            Nat::Masquerade | Nat::Symmetric => {
+                let rname = format!("{name}r");
+                Some(RouterInfo {
+                    netns: format!("{}{rname}", ns_prefix(&self.state.name)),
+                    name: rname,
+                    nat: node_spec.nat,
+                    port_forward: node_spec.port_forward,
+                })
+            }
+        };
+        let mut interfaces = Vec::new();
+        for (k, net) in nets.iter().enumerate() {
+            let wan_addr = net
+                .subnet
+                .host(i)
+                .with_context(|| format!("network {}", net.name))?;
+            let iface = match &router {
+                None => Interface {
+                    network: net.name.clone(),
+                    addr: wan_addr,
+                    prefix_len: net.subnet.len,
+                    wan_addr,
+                },
+                Some(_) => Interface {
+                    network: net.name.clone(),
+                    addr: lan_addrs(i, k)?.1,
+                    prefix_len: 24,
+                    wan_addr,
+                },
+            };
+            interfaces.push(iface);
+        }
+        if let Some(r) = &router {
+            self.nat_router(r, &netns, &nets, &interfaces, i)
+                .with_context(|| format!("NAT router of {name}"))?;
+        }
+        let underlay = interfaces
+            .first()
+            .map(|f| f.addr)
+            .with_context(|| format!("node {name} has no network"))?;
         if bridge {
             self.bridge_underlay(&name, &netns, underlay)?;
         }
         let mut pod_cidrs = vec![format!("10.244.{i}.0/24")];
         if dual_stack {
             pod_cidrs.push(format!("fd00:10:244:{i:x}::/80"));
-        }
-        if self.state.overlay == Overlay::Routed {
-            // Without an overlay daemon the lab publishes the node state itself.
-            let node_state =
-                json!({"version": 1, "nodeName": name, "podCidrs": pod_cidrs, "mtu": UNDERLAY_MTU});
-            std::fs::write(dir.join("node.json"), node_state.to_string())?;
         }
         let conflist = json!({
             "cniVersion": "1.1.0",
@@ -311,15 +491,105 @@ impl Lab {
         } else {
             None
         };
-        Ok(NodeInfo {
+        let node = NodeInfo {
             name,
             netns,
             underlay,
+            interfaces,
+            zone: node_spec.zone,
+            router,
             pod_cidrs,
             dir,
             daemon_pid: None,
             public_key,
-        })
+        };
+        if self.state.overlay == Overlay::Routed {
+            // Without an overlay daemon the lab publishes the node state itself.
+            write_node_state(&node)?;
+        }
+        Ok(node)
+    }
+
+    /// A NAT router namespace in front of node `i`: one veth per network to the node (the
+    /// node's end carries the network's name), masquerade on its WAN interfaces, which the
+    /// emulator creates later, and isolation between networks.
+    fn nat_router(
+        &self,
+        r: &RouterInfo,
+        node_ns: &str,
+        nets: &[Network],
+        interfaces: &[Interface],
+        i: usize,
+    ) -> Result<()> {
+        ns::add(&r.netns)?;
+        ns::exec(&r.netns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        let mut post = String::new();
+        let mut pre = String::new();
+        let mut fwd = String::new();
+        for (k, (net, iface)) in nets.iter().zip(interfaces).enumerate() {
+            let lan = format!("lan{k}");
+            let (gw, addr) = lan_addrs(i, k)?;
+            ns::exec(
+                &r.netns,
+                &[
+                    "ip", "link", "add", &lan, "type", "veth", "peer", "name", &net.name, "netns",
+                    node_ns,
+                ],
+            )?;
+            ns::exec(
+                &r.netns,
+                &["ip", "addr", "add", &format!("{gw}/24"), "dev", &lan],
+            )?;
+            ns::exec(&r.netns, &["ip", "link", "set", &lan, "up"])?;
+            let mtu = UNDERLAY_MTU.to_string();
+            ns::exec(
+                node_ns,
+                &["ip", "addr", "add", &format!("{addr}/24"), "dev", &net.name],
+            )?;
+            ns::exec(
+                node_ns,
+                &["ip", "link", "set", &net.name, "mtu", &mtu, "up"],
+            )?;
+            let gw_s = gw.to_string();
+            let metric = (100 + k).to_string();
+            let subnet = net.subnet.to_string();
+            // The network's own subnet through its router; anything else through the first.
+            ns::exec(
+                node_ns,
+                &[
+                    "ip", "route", "add", &subnet, "via", &gw_s, "dev", &net.name,
+                ],
+            )?;
+            ns::exec(
+                node_ns,
+                &[
+                    "ip", "route", "add", "default", "via", &gw_s, "dev", &net.name, "metric",
+                    &metric,
+                ],
+            )?;
+            let random = match r.nat {
+                Nat::Symmetric => " fully-random",
+                Nat::Masquerade | Nat::None => "",
+            };
+            post.push_str(&format!(
+                "    oifname \"{}\" masquerade{random}\n",
+                net.name
+            ));
+            if r.port_forward {
+                pre.push_str(&format!(
+                    "    iifname \"{}\" udp dport {WG_PORT} dnat to {}\n",
+                    net.name, iface.addr
+                ));
+            }
+            fwd.push_str(&format!(
+                "    iifname \"{lan}\" oifname != \"{}\" drop\n",
+                net.name
+            ));
+        }
+        let script = format!(
+            "table ip mistlab {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n{post}  }}\n  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n{pre}  }}\n  chain forward {{\n    type filter hook forward priority filter; policy accept;\n{fwd}  }}\n}}\n"
+        );
+        nft_apply(&r.netns, &script)
     }
 
     /// Underlay without emulation: wan0 in the node, its peer enslaved to the lab's bridge.
@@ -361,114 +631,185 @@ impl Lab {
         Ok(())
     }
 
-    /// Underlay through `netbench emulate`: it creates wan0 in every node (with the node's
-    /// underlay address) and emulates every node pair as a link.
-    fn start_emulator(&mut self, spec: &LabSpec) -> Result<()> {
+    /// One network through `netbench emulate`: it creates the network's interface in every
+    /// attached node (or in the node's NAT router) and emulates every pair as a link.
+    fn start_emulator(
+        &mut self,
+        spec: &LabSpec,
+        topo: &Topology,
+        k: usize,
+        net: &Network,
+    ) -> Result<()> {
         let bin = self.state.bin_dir.join("netbench");
         ensure!(
             bin.exists(),
             "{} missing: build it (cargo build -p netbench)",
             bin.display()
         );
-        let mut cmd = std::process::Command::new(&bin);
-        cmd.args(["emulate", "run", "--ifname", "wan0", "--seed", "1"]);
-        cmd.arg("--control").arg(self.dir.join("emulate.sock"));
+        // Members in node order; behind NAT the router joins under the node's name, so link
+        // selectors keep naming nodes.
+        let mut members = Vec::new();
         for n in &self.state.nodes {
-            cmd.arg("--node")
-                .arg(format!("{}={}:{}/24", n.name, n.netns, n.underlay));
+            let Ok(iface) = n.interface(&net.name) else {
+                continue;
+            };
+            let netns = n.router.as_ref().map_or(&n.netns, |r| &r.netns);
+            members.push(format!(
+                "{}={netns}:{}/{}",
+                n.name, iface.wan_addr, net.subnet.len
+            ));
+        }
+        let profile = topo.emulator_profile(net);
+        let mut check = netbench::emulate::Config::from_profile(&profile)
+            .with_context(|| format!("network {}", net.name))?;
+        for m in &members {
+            check.nodes.push(netbench::emulate::Node::parse(m)?);
+        }
+        check
+            .fabric(0)
+            .with_context(|| format!("network {}: links and schedule", net.name))?;
+        let file = self.dir.join(format!("emulate-{}.toml", net.name));
+        std::fs::write(&file, crate::topology::profile_toml(&profile))
+            .with_context(|| format!("writing {}", file.display()))?;
+        let control = self.state.networks[k].control.clone();
+        let log_path = if k == 0 {
+            self.dir.join("emulate.log")
+        } else {
+            self.dir.join(format!("emulate-{}.log", net.name))
+        };
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.args(["emulate", "run", "--ifname", &net.name]);
+        cmd.arg("--profile").arg(&file);
+        cmd.arg("--control").arg(&control);
+        for m in &members {
+            cmd.arg("--node").arg(m);
         }
         if let Some(p) = &spec.profile {
             cmd.arg("--default").arg(p);
         }
-        if let Some(t) = &spec.topology {
-            cmd.arg("--profile").arg(t);
-        }
-        let log = std::fs::File::create(self.dir.join("emulate.log"))?;
+        let log = std::fs::File::create(&log_path)?;
         let child = cmd
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .context("starting netbench emulate")?;
+            .with_context(|| format!("starting netbench emulate for network {}", net.name))?;
         let pid = child.id();
         std::thread::spawn(move || {
             let mut child = child;
             let _ = child.wait();
         });
-        self.state.emulator_pid = Some(pid);
+        self.state.networks[k].emulator_pid = Some(pid);
+        if k == 0 {
+            self.state.emulator_pid = Some(pid);
+        }
         self.save()?;
+        let ends: Vec<String> = self
+            .state
+            .nodes
+            .iter()
+            .filter(|n| n.interface(&net.name).is_ok())
+            .map(|n| n.router.as_ref().map_or(&n.netns, |r| &r.netns).clone())
+            .collect();
         for _ in 0..250 {
-            let ready = self.state.nodes.iter().all(|n| {
-                ns::exec(&n.netns, &["ip", "-o", "addr", "show", "dev", "wan0"])
+            let ready = ends.iter().all(|netns| {
+                ns::exec(netns, &["ip", "-o", "addr", "show", "dev", &net.name])
                     .is_ok_and(|o| o.contains("inet "))
             });
-            if ready && self.dir.join("emulate.sock").exists() {
+            if ready && control.exists() {
                 return Ok(());
             }
             if !process_alive(pid) {
-                let log = std::fs::read_to_string(self.dir.join("emulate.log")).unwrap_or_default();
-                bail!("netbench emulate exited: {log}");
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                bail!("netbench emulate for network {} exited: {log}", net.name);
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        bail!("the emulated underlay is not up after 5 s")
+        bail!("network {} is not up after 5 s", net.name)
     }
 
     /// Whether the underlay is emulated by netbench.
     pub fn emulated(&self) -> bool {
         self.state.emulator_pid.is_some()
+            || self.state.networks.iter().any(|n| n.emulator_pid.is_some())
     }
 
-    /// Emulated underlay only: applies netbench link settings to the link between two nodes
-    /// (both directions), e.g. `delay=80ms loss=2%`, `down`, `profile=satellite`.
-    pub fn link_spec(&mut self, a: &str, b: &str, spec: &str) -> Result<()> {
+    /// The lab's underlay networks, in order (one `wan0` without a topology).
+    pub fn networks(&self) -> &[NetworkInfo] {
+        &self.state.networks
+    }
+
+    /// The control socket of a network's emulator.
+    fn control(&self, network: &str) -> Result<PathBuf> {
         ensure!(
             self.emulated(),
             "delay, jitter, rate and profiles need an emulated underlay (mistlab up --profile ...)"
         );
-        self.node(a)?;
-        self.node(b)?;
-        netbench::emulate::control_request(
-            &self.dir.join("emulate.sock"),
-            &format!("set link={a}-{b} {spec}"),
-        )?;
+        if self.state.networks.is_empty() {
+            // A lab brought up before networks were recorded: its one emulator.
+            return Ok(self.dir.join("emulate.sock"));
+        }
+        let net = self
+            .state
+            .networks
+            .iter()
+            .find(|n| n.name == network)
+            .with_context(|| format!("no network {network} in lab {}", self.state.name))?;
+        Ok(net.control.clone())
+    }
+
+    /// The first network's name (`wan0` without a topology).
+    pub fn first_network(&self) -> &str {
+        self.state
+            .networks
+            .first()
+            .map_or(crate::topology::DEFAULT_NETWORK, |n| n.name.as_str())
+    }
+
+    /// Emulated underlay only: applies netbench link settings to the link between two nodes
+    /// on the first network (both directions), e.g. `delay=80ms loss=2%`, `down`,
+    /// `profile=satellite`.
+    pub fn link_spec(&mut self, a: &str, b: &str, spec: &str) -> Result<()> {
+        let net = self.first_network().to_owned();
+        self.link_spec_on(&net, a, b, spec)
+    }
+
+    /// Emulated underlay only: applies netbench link settings to the link between two nodes
+    /// on one network (both directions). Behind NAT the link is the router's.
+    pub fn link_spec_on(&mut self, network: &str, a: &str, b: &str, spec: &str) -> Result<()> {
+        let control = self.control(network)?;
+        for n in [a, b] {
+            let node = self.node(n)?;
+            if !node.interfaces.is_empty() {
+                node.interface(network)?;
+            }
+        }
+        ensure!(a != b, "a link joins two different nodes");
+        netbench::emulate::control_request(&control, &format!("set link={a}-{b} {spec}"))
+            .with_context(|| format!("link {a}-{b} on network {network}"))?;
         Ok(())
+    }
+
+    /// Emulated underlay only: every link direction of a network with its counters and
+    /// settings (`netbench emulate stats --json`).
+    pub fn link_stats(&self, network: &str) -> Result<Value> {
+        let control = self.control(network)?;
+        let reply = netbench::emulate::control_request(&control, "stats")
+            .with_context(|| format!("stats of network {network}"))?;
+        serde_json::from_str(&reply).with_context(|| format!("stats of network {network}"))
     }
 
     /// Writes every node's mistnetd config: all other nodes are its peers.
     fn write_daemon_configs(&self) -> Result<()> {
         for n in &self.state.nodes {
-            let mut t = String::new();
-            t.push_str(&format!("node_name = \"{}\"\n", n.name));
-            t.push_str(&format!(
-                "private_key_file = \"{}\"\n",
-                n.dir.join("private.key").display()
-            ));
-            t.push_str(&format!("pod_cidrs = {:?}\n", n.pod_cidrs));
-            t.push_str("underlay_interfaces = [\"wan0\"]\n");
-            t.push_str(&format!(
-                "node_state_file = \"{}\"\n",
-                n.dir.join("node.json").display()
-            ));
-            t.push_str(&format!(
-                "api_socket = \"{}\"\n",
-                n.dir.join("mistnetd.sock").display()
-            ));
-            for p in &self.state.nodes {
-                if p.name == n.name {
-                    continue;
-                }
-                t.push_str("\n[[peers]]\n");
-                t.push_str(&format!("name = \"{}\"\n", p.name));
-                t.push_str(&format!(
-                    "public_key = \"{}\"\n",
-                    p.public_key.as_deref().unwrap_or_default()
-                ));
-                t.push_str(&format!("endpoints = [\"{}:51820\"]\n", p.underlay));
-                t.push_str(&format!("pod_cidrs = {:?}\n", p.pod_cidrs));
-                t.push_str("persistent_keepalive = 10\n");
-            }
-            std::fs::write(n.dir.join("mistnetd.toml"), t)?;
+            let text = daemon_config(
+                n,
+                &self.state.nodes,
+                &self.state.networks,
+                self.state.multi_underlay,
+            );
+            let path = n.dir.join("mistnetd.toml");
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         }
         Ok(())
     }
@@ -587,11 +928,20 @@ impl Lab {
         match self.state.overlay {
             Overlay::Mistnet => {}
             Overlay::Routed => {
+                // Over the first network; nodes not on it get no routes.
+                let net = self.first_network();
                 for a in &self.state.nodes {
                     for b in &self.state.nodes {
                         if a.name == b.name {
                             continue;
                         }
+                        let via = match b.interfaces.is_empty() {
+                            true => b.underlay,
+                            false => match b.wan_addr(net) {
+                                Ok(v) => v,
+                                Err(_) => continue,
+                            },
+                        };
                         for cidr in &b.pod_cidrs {
                             if cidr.contains(':') {
                                 continue;
@@ -604,9 +954,9 @@ impl Lab {
                                     "replace",
                                     cidr,
                                     "via",
-                                    &b.underlay.to_string(),
+                                    &via.to_string(),
                                     "dev",
-                                    "wan0",
+                                    net,
                                 ],
                             )?;
                         }
@@ -617,7 +967,8 @@ impl Lab {
         Ok(())
     }
 
-    /// Sets the impairment of the underlay link between two nodes (both directions).
+    /// Sets the impairment of the underlay link between two nodes (both directions), on the
+    /// first network.
     ///
     /// Links are emulated in the lab's WAN namespace with an nftables bridge filter: loss is a
     /// per-packet random drop, a cut drops everything. (Delay, jitter, rate and burst loss need
@@ -642,10 +993,8 @@ impl Lab {
             } else {
                 format!("up loss={}%", imp.loss_pct)
             };
-            netbench::emulate::control_request(
-                &self.dir.join("emulate.sock"),
-                &format!("set link={a}-{b} {spec}"),
-            )?;
+            let net = self.first_network().to_owned();
+            self.link_spec_on(&net, a, b, &spec)?;
         } else {
             self.apply_links()?;
         }
@@ -679,23 +1028,7 @@ impl Lab {
         let script = format!(
             "table bridge mistlab\ndelete table bridge mistlab\ntable bridge mistlab {{\n  chain forward {{\n    type filter hook forward priority 0; policy accept;\n{rules}  }}\n}}\n"
         );
-        let mut child = std::process::Command::new("ip")
-            .args(["netns", "exec", &self.state.wan_ns, "nft", "-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .context("running nft")?;
-        std::io::Write::write_all(
-            child.stdin.as_mut().context("nft stdin")?,
-            script.as_bytes(),
-        )?;
-        let out = child.wait_with_output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "nft: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        nft_apply(&self.state.wan_ns, &script)?;
         Ok(())
     }
 
@@ -837,10 +1170,33 @@ impl Lab {
         if let Ok(p) = self.pod(target) {
             return Ok(p.netns.clone());
         }
+        if let Some(r) = self
+            .state
+            .nodes
+            .iter()
+            .filter_map(|n| n.router.as_ref())
+            .find(|r| r.name == target)
+        {
+            return Ok(r.netns.clone());
+        }
         Ok(self.node(target)?.netns.clone())
     }
 
-    /// Runs a command in a node or pod and returns its output (whatever its status).
+    /// The NAT router in front of a node.
+    pub fn router(&self, node: &str) -> Result<&RouterInfo> {
+        self.node(node)?
+            .router
+            .as_ref()
+            .with_context(|| format!("node {node} is not behind NAT"))
+    }
+
+    /// Runs a command in the NAT router in front of a node (same as `exec("n1r", ..)`).
+    pub fn exec_router(&self, node: &str, argv: &[&str]) -> Result<Output> {
+        ns::output(&mut ns::command(&self.router(node)?.netns, argv))
+    }
+
+    /// Runs a command in a node, a pod or a NAT router (`n1r`) and returns its output (whatever
+    /// its status).
     pub fn exec(&self, target: &str, argv: &[&str]) -> Result<Output> {
         ns::output(&mut ns::command(&self.netns_of(target)?, argv))
     }
@@ -879,6 +1235,7 @@ impl Lab {
                     .map(|d| d["peers"].clone())
                     .unwrap_or(Value::Null);
                 json!({"name": n.name, "netns": n.netns, "underlay": n.underlay.to_string(),
+                       "zone": n.zone, "interfaces": n.interfaces, "router": n.router,
                        "podCidrs": n.pod_cidrs, "daemonPid": n.daemon_pid, "daemonAlive": alive,
                        "peers": peers})
             })
@@ -889,9 +1246,19 @@ impl Lab {
             .iter()
             .map(|p| json!({"name": p.name, "node": p.node, "netns": p.netns, "ips": p.ips}))
             .collect();
+        let networks: Vec<Value> = self
+            .state
+            .networks
+            .iter()
+            .map(|n| {
+                json!({"name": n.name, "subnet": n.subnet, "cost": n.cost, "metered": n.metered,
+                       "emulatorPid": n.emulator_pid,
+                       "emulatorAlive": n.emulator_pid.map(process_alive)})
+            })
+            .collect();
         json!({"lab": self.state.name, "overlay": self.state.overlay, "nodes": nodes, "pods": pods,
                "underlay": if self.emulated() { "netbench emulate" } else { "bridge" },
-               "links": self.state.links})
+               "networks": networks, "links": self.state.links})
     }
 
     /// Every node's daemon log, for failing tests.
@@ -920,10 +1287,19 @@ impl Lab {
         let mut report = DownReport::default();
         let dir = state_dir(name);
         if let Ok(lab) = Lab::open(name) {
-            if let Some(pid) = lab.state.emulator_pid
-                && stop_process(pid, &lab.state.name)
-            {
-                report.processes.push(pid);
+            let mut emulators: Vec<u32> = lab
+                .state
+                .networks
+                .iter()
+                .filter_map(|n| n.emulator_pid)
+                .collect();
+            emulators.extend(lab.state.emulator_pid);
+            emulators.sort_unstable();
+            emulators.dedup();
+            for pid in emulators {
+                if stop_process(pid, &lab.state.name) {
+                    report.processes.push(pid);
+                }
             }
             for n in &lab.state.nodes {
                 if let Some(pid) = n.daemon_pid
@@ -1021,4 +1397,118 @@ fn stop_process(pid: u32, lab: &str) -> bool {
     // SAFETY: as above.
     unsafe { libc::kill(pid_i, libc::SIGKILL) };
     true
+}
+
+/// A node's mistnetd.toml. With named networks (`multi`): one `[[underlay]]` per network and
+/// the zone; without, the single-underlay keys. A NATed peer without a port forward has no
+/// endpoint (it is reached once it sends); a NATed node keeps its mappings open with a 5 s
+/// keepalive.
+pub fn daemon_config(
+    n: &NodeInfo,
+    nodes: &[NodeInfo],
+    networks: &[NetworkInfo],
+    multi: bool,
+) -> String {
+    let mut t = String::new();
+    t.push_str(&format!("node_name = \"{}\"\n", n.name));
+    if multi && let Some(z) = &n.zone {
+        t.push_str(&format!("zone = \"{z}\"\n"));
+    }
+    t.push_str(&format!(
+        "private_key_file = \"{}\"\n",
+        n.dir.join("private.key").display()
+    ));
+    t.push_str(&format!("pod_cidrs = {:?}\n", n.pod_cidrs));
+    if !multi {
+        t.push_str("underlay_interfaces = [\"wan0\"]\n");
+    }
+    t.push_str(&format!(
+        "node_state_file = \"{}\"\n",
+        n.dir.join("node.json").display()
+    ));
+    t.push_str(&format!(
+        "api_socket = \"{}\"\n",
+        n.dir.join("mistnetd.sock").display()
+    ));
+    if multi {
+        for iface in &n.interfaces {
+            let Some(net) = networks.iter().find(|x| x.name == iface.network) else {
+                continue;
+            };
+            t.push_str("\n[[underlay]]\n");
+            t.push_str(&format!("interface = \"{}\"\n", net.name));
+            t.push_str(&format!("port = {WG_PORT}\n"));
+            t.push_str(&format!("cost = {}\n", net.cost));
+            t.push_str(&format!("metered = {}\n", net.metered));
+        }
+    }
+    let keepalive = if n.router.is_some() { 5 } else { 10 };
+    for p in nodes {
+        if p.name == n.name {
+            continue;
+        }
+        let endpoints: Vec<String> = match &p.router {
+            Some(r) if !r.port_forward => Vec::new(),
+            Some(_) | None if p.interfaces.is_empty() => vec![format!("{}:{WG_PORT}", p.underlay)],
+            Some(_) | None => p
+                .interfaces
+                .iter()
+                .map(|i| format!("{}:{WG_PORT}", i.wan_addr))
+                .collect(),
+        };
+        t.push_str("\n[[peers]]\n");
+        t.push_str(&format!("name = \"{}\"\n", p.name));
+        t.push_str(&format!(
+            "public_key = \"{}\"\n",
+            p.public_key.as_deref().unwrap_or_default()
+        ));
+        t.push_str(&format!("endpoints = {endpoints:?}\n"));
+        t.push_str(&format!("pod_cidrs = {:?}\n", p.pod_cidrs));
+        t.push_str(&format!("persistent_keepalive = {keepalive}\n"));
+    }
+    t
+}
+
+/// The node state mistnetd would publish, for labs without a daemon.
+fn write_node_state(n: &NodeInfo) -> Result<()> {
+    let node_state =
+        json!({"version": 1, "nodeName": n.name, "podCidrs": n.pod_cidrs, "mtu": UNDERLAY_MTU});
+    let path = n.dir.join("node.json");
+    std::fs::write(&path, node_state.to_string())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// The router's and the node's address on the link for network `k` of NATed node `i`:
+/// 192.168.i.0/24 for the first network, 172.(15+k).i.0/24 for the others.
+fn lan_addrs(i: usize, k: usize) -> Result<(Ipv4Addr, Ipv4Addr)> {
+    let i = u8::try_from(i).context("node index")?;
+    let (a, b) = if k == 0 {
+        (192, 168)
+    } else {
+        (172, 15 + u8::try_from(k).context("network index")?)
+    };
+    Ok((Ipv4Addr::new(a, b, i, 1), Ipv4Addr::new(a, b, i, 2)))
+}
+
+/// Loads an nftables script into a namespace.
+fn nft_apply(netns: &str, script: &str) -> Result<()> {
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", netns, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running nft in {netns}"))?;
+    std::io::Write::write_all(
+        child.stdin.as_mut().context("nft stdin")?,
+        script.as_bytes(),
+    )?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "nft in {netns}: {}\n{script}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }

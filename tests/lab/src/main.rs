@@ -36,16 +36,20 @@ enum Cmd {
         /// lte-congested, satellite, partitioned) or a spec ("delay=20ms loss=1%").
         #[arg(long)]
         profile: Option<String>,
-        /// Emulate the underlay from a netbench profile file (per-link profiles, schedules).
+        /// Emulate the underlay from a topology file: networks (several interfaces per node),
+        /// zones, NAT, per-link profiles, schedules (docs/lab.md).
         #[arg(long)]
         topology: Option<std::path::PathBuf>,
+        /// Do not start mistnetd (the lab's wiring only; configs are still written).
+        #[arg(long)]
+        no_daemons: bool,
     },
     /// Show nodes, pods and their addresses.
     Status {
         #[arg(long)]
         json: bool,
     },
-    /// Run a command in a node or a pod: `mistlab exec n1-p1 -- ping 10.244.2.2`.
+    /// Run a command in a node, a pod or a NAT router (`n1r`): `mistlab exec n1-p1 -- ping ...`.
     Exec {
         target: String,
         #[arg(last = true, required = true)]
@@ -69,10 +73,14 @@ enum LinkCmd {
     Set {
         a: String,
         b: String,
+        /// The network (emulated underlay); default: the first one.
+        #[arg(long)]
+        network: Option<String>,
         #[arg(required = true)]
         settings: Vec<String>,
     },
-    /// Show impaired links.
+    /// Show the links of every network (emulated: every direction with its settings and
+    /// counters; bridge: impaired links).
     Show,
 }
 
@@ -102,11 +110,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             dual_stack,
             profile,
             topology,
+            no_daemons,
         } => {
             let mut spec = LabSpec::new(&cli.name, nodes, pods_per_node);
             spec.dual_stack = dual_stack;
             spec.profile = profile;
             spec.topology = topology;
+            spec.daemons = !no_daemons;
             let lab = Lab::up(&spec)?;
             print_status(&mut out, &lab)?;
             lab.keep();
@@ -131,6 +141,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 u8::try_from(status.code().unwrap_or(1)).unwrap_or(1),
             ));
         }
+        Cmd::Link { cmd: LinkCmd::Show } if Lab::open(&cli.name)?.emulated() => {
+            let lab = Lab::open(&cli.name)?;
+            print_links(&mut out, &lab)?;
+        }
         Cmd::Link { cmd: LinkCmd::Show } => {
             let lab = Lab::open(&cli.name)?;
             if lab.links().is_empty() {
@@ -149,16 +163,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Link {
-            cmd: LinkCmd::Set { a, b, settings },
+            cmd:
+                LinkCmd::Set {
+                    a,
+                    b,
+                    network,
+                    settings,
+                },
         } if Lab::open(&cli.name)?.emulated() => {
             let mut lab = Lab::open(&cli.name)?;
-            lab.link_spec(&a, &b, &settings.join(" "))?;
-            writeln!(out, "{a} <-> {b}: {}", settings.join(" "))?;
+            let network = network.unwrap_or_else(|| lab.first_network().to_owned());
+            lab.link_spec_on(&network, &a, &b, &settings.join(" "))?;
+            writeln!(out, "{a} <-> {b} on {network}: {}", settings.join(" "))?;
         }
         Cmd::Link {
-            cmd: LinkCmd::Set { a, b, settings },
+            cmd:
+                LinkCmd::Set {
+                    a,
+                    b,
+                    network,
+                    settings,
+                },
         } => {
             let mut lab = Lab::open(&cli.name)?;
+            if let Some(n) = network {
+                anyhow::ensure!(
+                    n == lab.first_network(),
+                    "--network {n}: the bridge underlay has one network, {}",
+                    lab.first_network()
+                );
+            }
             let mut imp = mistlab::LinkImpairment::default();
             for s in &settings {
                 match s.as_str() {
@@ -237,8 +271,83 @@ fn teardown_on_signal(name: &str) {
     });
 }
 
+/// Every network's link directions with their settings and counters.
+fn print_links(out: &mut impl Write, lab: &Lab) -> Result<()> {
+    for net in lab.networks() {
+        writeln!(out, "network {} ({})", net.name, net.subnet)?;
+        let stats = lab.link_stats(&net.name)?;
+        for l in stats.as_array().into_iter().flatten() {
+            writeln!(
+                out,
+                "  {:<10} forwarded {:>8}  dropped down {:>6} loss {:>6} queue {:>6}  {}",
+                l["link"].as_str().unwrap_or("?"),
+                l["forwarded"],
+                l["dropped_down"],
+                l["dropped_loss"],
+                l["dropped_queue"],
+                l["settings"].as_str().unwrap_or("?")
+            )?;
+        }
+    }
+    Ok(())
+}
+
 fn print_status(out: &mut impl Write, lab: &Lab) -> Result<()> {
     writeln!(out, "lab {}", lab.name())?;
+    writeln!(
+        out,
+        "{:<10} {:<16} {:<5} {:<7} emulator",
+        "network", "subnet", "cost", "metered"
+    )?;
+    for n in lab.networks() {
+        writeln!(
+            out,
+            "{:<10} {:<16} {:<5} {:<7} {}",
+            n.name,
+            n.subnet,
+            n.cost,
+            n.metered,
+            match n.emulator_pid {
+                Some(pid) if mistlab::lab::process_alive(pid) => format!("running (pid {pid})"),
+                Some(pid) => format!("DEAD (pid {pid})"),
+                None => "bridge".to_owned(),
+            }
+        )?;
+    }
+    writeln!(
+        out,
+        "{:<6} {:<10} {:<44} NAT router",
+        "node", "zone", "interfaces"
+    )?;
+    for n in lab.nodes() {
+        let ifaces: Vec<String> = n
+            .interfaces
+            .iter()
+            .map(|i| {
+                if i.addr == i.wan_addr {
+                    format!("{} {}", i.network, i.addr)
+                } else {
+                    format!("{} {} (as {})", i.network, i.addr, i.wan_addr)
+                }
+            })
+            .collect();
+        let router = match &n.router {
+            Some(r) => format!(
+                "{} ({}{})",
+                r.name,
+                r.nat.as_str(),
+                if r.port_forward { ", port forward" } else { "" }
+            ),
+            None => "-".to_owned(),
+        };
+        writeln!(
+            out,
+            "{:<6} {:<10} {:<44} {router}",
+            n.name,
+            n.zone.as_deref().unwrap_or("-"),
+            ifaces.join(", ")
+        )?;
+    }
     writeln!(
         out,
         "{:<6} {:<12} {:<34} daemon",

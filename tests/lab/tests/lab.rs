@@ -40,6 +40,8 @@ fn assert_gone(name: &str, root_routes_before: &str) {
 
 fn root_routes() -> String {
     mistlab::ns::ip(&["route", "show"]).unwrap()
+        + &mistlab::ns::ip(&["-6", "route", "show"]).unwrap()
+        + &mistlab::ns::ip(&["rule", "show"]).unwrap()
         + &mistlab::ns::ip(&["-o", "link", "show"]).unwrap()
 }
 

@@ -1,0 +1,298 @@
+//! The node's pure state as the dataplane threads see it: the WireGuard overlay core and the
+//! path selector, side by side behind one mutex (`dataplane::Shared::core`), plus the keys
+//! that turn the selector's path choices into datagrams (relay envelopes, probe MACs).
+//!
+//! Every peer's datagrams leave on the selector's active path (and, in redundant mode, also
+//! on its secondary path); the overlay's own path is only the fallback while the selector has
+//! none (path selection off, or nothing probed yet). Roaming is off in the overlay when the
+//! selector runs, so duplicates and relayed datagrams never move a peer's path behind the
+//! selector's back.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use mistnet_overlay::{Node, Path, PeerConfig};
+use mistnet_path::{LocalInfo, PathId, PeerKeys, Selector, Via};
+use tracing::debug;
+
+use crate::config::PeerConf;
+use crate::dataplane::SockId;
+
+/// Where one copy of a datagram goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dest {
+    /// Straight to the peer.
+    Direct(Path<SockId>),
+    /// Wrapped in a relay envelope for `dst`, sent to the relay on `via`.
+    Relay {
+        via: Path<SockId>,
+        relay_key: [u8; 32],
+        dst: [u8; 8],
+    },
+}
+
+/// Up to two destinations for one datagram (the second in redundant mode).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dests {
+    pub first: Option<Dest>,
+    pub second: Option<Dest>,
+}
+
+/// A peer's id in the cores: small and `Copy`, so the per-packet paths never clone a name.
+pub type PeerId = u32;
+
+struct PeerInfo {
+    name: String,
+    keys: PeerKeys,
+    endpoints: Vec<SocketAddr>,
+}
+
+/// The overlay core, the path selector and the peers' keys.
+pub struct Core {
+    pub overlay: Node<PeerId, SockId>,
+    pub paths: Option<Selector<PeerId, SockId>>,
+    private: [u8; 32],
+    my_id: [u8; 8],
+    locals: Vec<SockId>,
+    local_names: BTreeMap<SockId, String>,
+    relay: bool,
+    peers: BTreeMap<PeerId, PeerInfo>,
+    by_name: BTreeMap<String, PeerId>,
+    next_id: PeerId,
+}
+
+/// The short id of a node on the wire: the first 8 bytes of its WireGuard public key.
+pub fn short_id(public_key: &[u8; 32]) -> [u8; 8] {
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&public_key[..8]);
+    id
+}
+
+/// The key two nodes share for path probes and relay envelopes: their X25519 static-static
+/// secret, hashed with a label so it is never the input of anything else.
+pub fn pairwise_key(private: &[u8; 32], peer_public: &[u8; 32]) -> [u8; 32] {
+    use blake2::Digest;
+    let secret = mistnet_overlay::StaticSecret::from(*private);
+    let shared = secret.diffie_hellman(&mistnet_overlay::PublicKey::from(*peer_public));
+    let mut h = blake2::Blake2s256::new();
+    h.update(b"mistnet path mac v1");
+    h.update(shared.as_bytes());
+    h.finalize().into()
+}
+
+impl Core {
+    pub fn new(
+        overlay: Node<PeerId, SockId>,
+        paths: Option<Selector<PeerId, SockId>>,
+        private: [u8; 32],
+        locals: Vec<(SockId, String, LocalInfo)>,
+        relay: bool,
+    ) -> Self {
+        let my_id = short_id(&overlay.public_key());
+        let mut core = Self {
+            overlay,
+            paths,
+            private,
+            my_id,
+            locals: locals.iter().map(|(l, _, _)| *l).collect(),
+            local_names: locals.iter().map(|(l, n, _)| (*l, n.clone())).collect(),
+            relay,
+            peers: BTreeMap::new(),
+            by_name: BTreeMap::new(),
+            next_id: 1,
+        };
+        if let Some(sel) = core.paths.as_mut() {
+            for (l, _, info) in locals {
+                sel.set_local(l, info);
+            }
+            core.overlay.set_roaming(false);
+        }
+        core
+    }
+
+    /// This node's short id.
+    pub fn my_id(&self) -> [u8; 8] {
+        self.my_id
+    }
+
+    /// A path for logs and status: `wlan0 -> 10.99.0.2:51820` or `relay n3`.
+    pub fn describe(&self, path: &PathId<PeerId, SockId>) -> String {
+        let local = self
+            .local_names
+            .get(&path.local)
+            .map_or("?", String::as_str);
+        match &path.via {
+            Via::Direct(addr) => format!("{local} -> {addr}"),
+            Via::Relay(r) => format!("relay {}", self.name_of(*r).unwrap_or("?")),
+        }
+    }
+
+    /// Names of all peers.
+    pub fn peer_names(&self) -> impl Iterator<Item = &String> {
+        self.by_name.keys()
+    }
+
+    /// A peer's id.
+    pub fn id_of(&self, name: &str) -> Option<PeerId> {
+        self.by_name.get(name).copied()
+    }
+
+    /// A peer's name.
+    pub fn name_of(&self, id: PeerId) -> Option<&str> {
+        self.peers.get(&id).map(|p| p.name.as_str())
+    }
+
+    /// The pairwise key with a peer.
+    pub fn key_of(&self, peer: PeerId) -> Option<[u8; 32]> {
+        self.peers.get(&peer).map(|p| p.keys.mac_key)
+    }
+
+    /// Adds or updates a peer in the overlay and the selector (candidates are set by
+    /// [`Core::refresh_relays`]).
+    pub fn upsert_peer(&mut self, p: &PeerConf, now: Instant) {
+        let id = match self.by_name.get(&p.name) {
+            Some(id) => *id,
+            None => {
+                let id = self.next_id;
+                self.next_id += 1;
+                self.by_name.insert(p.name.clone(), id);
+                id
+            }
+        };
+        self.overlay.upsert_peer(
+            id,
+            PeerConfig {
+                public_key: p.public_key,
+                endpoint: p.endpoints.first().map(|remote| Path {
+                    local: self.locals.first().copied().unwrap_or(0),
+                    remote: *remote,
+                }),
+                allowed_ips: p.pod_cidrs.clone(),
+                persistent_keepalive: p.persistent_keepalive,
+            },
+            now,
+        );
+        let keys = PeerKeys {
+            id: short_id(&p.public_key),
+            mac_key: pairwise_key(&self.private, &p.public_key),
+        };
+        let changed = self.peers.get(&id).is_none_or(|old| old.keys.id != keys.id);
+        if changed {
+            if let Some(sel) = self.paths.as_mut() {
+                sel.remove_peer(&id);
+                sel.add_peer(id, keys.clone(), now);
+            }
+            debug!(peer = %p.name, "peer keys set");
+        }
+        self.peers.insert(
+            id,
+            PeerInfo {
+                name: p.name.clone(),
+                keys,
+                endpoints: p.endpoints.clone(),
+            },
+        );
+    }
+
+    /// Removes a peer everywhere.
+    pub fn remove_peer(&mut self, name: &str) {
+        let Some(id) = self.by_name.remove(name) else {
+            return;
+        };
+        self.overlay.remove_peer(&id);
+        if let Some(sel) = self.paths.as_mut() {
+            sel.remove_peer(&id);
+        }
+        self.peers.remove(&id);
+    }
+
+    /// Gives the selector every peer's candidates: each local underlay to each endpoint of
+    /// the same family, plus (relays allowed) a relay path through every other peer.
+    pub fn refresh_relays(&mut self, now: Instant) {
+        let Some(sel) = self.paths.as_mut() else {
+            return;
+        };
+        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        for (id, info) in &self.peers {
+            let mut candidates = Vec::new();
+            for l in &self.locals {
+                for e in &info.endpoints {
+                    candidates.push(PathId {
+                        local: *l,
+                        via: Via::Direct(*e),
+                    });
+                }
+            }
+            if self.relay {
+                for r in ids.iter().filter(|r| *r != id) {
+                    candidates.push(PathId {
+                        local: self.locals.first().copied().unwrap_or(0),
+                        via: Via::Relay(*r),
+                    });
+                }
+            }
+            sel.set_candidates(id, candidates, now);
+        }
+    }
+
+    /// Where a datagram for `peer` goes: the selector's paths, or `fallback` (the overlay's
+    /// own path) while the selector has none.
+    pub fn dests(&self, peer: PeerId, fallback: Option<Path<SockId>>) -> Dests {
+        let Some(sel) = self.paths.as_ref() else {
+            return Dests {
+                first: fallback.map(Dest::Direct),
+                second: None,
+            };
+        };
+        let sp = sel.send_paths(&peer);
+        let first = sp
+            .active
+            .as_ref()
+            .and_then(|p| self.resolve(peer, p))
+            .or(fallback.map(Dest::Direct));
+        let second = sp
+            .secondary
+            .as_ref()
+            .and_then(|p| self.resolve(peer, p))
+            .filter(|d| Some(*d) != first);
+        Dests { first, second }
+    }
+
+    /// Turns a selector path into a destination; a relay is reached on its own direct path.
+    pub fn resolve(&self, peer: PeerId, path: &PathId<PeerId, SockId>) -> Option<Dest> {
+        match &path.via {
+            Via::Direct(remote) => Some(Dest::Direct(Path {
+                local: path.local,
+                remote: *remote,
+            })),
+            Via::Relay(r) => {
+                let via = self.direct_path(*r)?;
+                let relay_key = self.key_of(*r)?;
+                let dst = self.peers.get(&peer)?.keys.id;
+                Some(Dest::Relay {
+                    via,
+                    relay_key,
+                    dst,
+                })
+            }
+        }
+    }
+
+    /// The direct path to a peer (used to reach relays): the selector's active path if it is
+    /// direct, else the overlay's.
+    pub fn direct_path(&self, peer: PeerId) -> Option<Path<SockId>> {
+        if let Some(sel) = self.paths.as_ref()
+            && let Some(PathId {
+                local,
+                via: Via::Direct(remote),
+            }) = sel.send_paths(&peer).active
+        {
+            return Some(Path {
+                local: *local,
+                remote: *remote,
+            });
+        }
+        self.overlay.peer_path(&peer)
+    }
+}
