@@ -330,6 +330,7 @@ fn path_config(config: &Config) -> mistnet_path::Config {
         config::Redundancy::Always => mistnet_path::Redundancy::Always,
     };
     c.relay_allowed = config.paths.relay;
+    c.serve_relay = config.paths.relay;
     c
 }
 
