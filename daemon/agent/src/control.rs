@@ -289,6 +289,9 @@ impl Shell {
         }
         self.endpoints_read = Some(now);
         let endpoints = self.endpoints();
+        if let Some(sel) = self.shared.core().paths.as_mut() {
+            sel.set_advertised(endpoints.iter().map(|e| e.addr));
+        }
         if endpoints != replica.own().endpoints {
             info!(endpoints = endpoints.len(), "own endpoints changed");
             if let Err(e) = replica.update_own(|r| r.endpoints = endpoints, now) {

@@ -5,7 +5,7 @@ use std::fmt::Debug;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tracing::{debug, info, trace};
+use tracing::{debug, trace};
 
 use crate::metrics::{Bucket, LossWindow, Rng, Rtt, RxWindow};
 use crate::wire::{self, Body, ShortId};
@@ -1005,7 +1005,7 @@ fn switch<P, L>(
     if reason == Reason::ActivePathSilent {
         ctx.stats.failovers += 1;
     }
-    info!(peer = ?id, ?from, ?to, reason = reason.as_str(), "path switched");
+    debug!(peer = ?id, ?from, ?to, reason = reason.as_str(), "path switched");
     if to.is_some() && peer.secondary == to {
         set_secondary(ctx, id, peer, None, reason);
     }
@@ -1114,9 +1114,9 @@ fn set_secondary<P, L>(
     ctx.stats.redundancy_changes += 1;
     match (&from, &to) {
         (None, Some(_)) => {
-            info!(peer = ?id, secondary = ?to, reason = reason.as_str(), "redundancy on")
+            debug!(peer = ?id, secondary = ?to, reason = reason.as_str(), "redundancy on")
         }
-        (Some(_), None) => info!(peer = ?id, reason = reason.as_str(), "redundancy off"),
+        (Some(_), None) => debug!(peer = ?id, reason = reason.as_str(), "redundancy off"),
         (Some(_), Some(_)) | (None, None) => {
             debug!(peer = ?id, secondary = ?to, reason = reason.as_str(), "secondary path changed")
         }
