@@ -226,25 +226,23 @@ impl Shell {
             .filter(|r| r.identity != own)
             .map(record_peer)
             .collect();
-        let effective = {
+        {
             let mut rec = lock(&self.reconciler);
-            rec.set_learned(learned.clone());
+            rec.set_learned(learned);
             if let Err(e) = rec.apply(&self.shared) {
                 warn!("applying learned peers: {e:#}");
             }
-            rec.effective()
-        };
-        let tunnel: BTreeMap<&str, IpAddr> = learned
-            .iter()
-            .filter_map(|p| Some((p.name.as_str(), p.tunnel?)))
-            .collect();
+        }
+        self.refresh_partners(replica);
+    }
+
+    /// Makes the gossip partners the node's effective peers (configured ones change on
+    /// SIGHUP, learned ones with the records).
+    fn refresh_partners(&mut self, replica: &mut Replica<String>) {
+        let effective = lock(&self.reconciler).effective();
         let mut partners = BTreeMap::new();
         for p in &effective {
-            let Some(ip) = tunnel
-                .get(p.name.as_str())
-                .copied()
-                .or_else(|| default_tunnel_address(p))
-            else {
+            let Some(ip) = default_tunnel_address(p) else {
                 continue;
             };
             partners.insert(p.name.clone(), ip);
@@ -259,6 +257,9 @@ impl Shell {
         }
         for gone in self.peers.keys().filter(|n| !partners.contains_key(*n)) {
             replica.remove_peer(gone);
+        }
+        if partners != self.peers {
+            debug!(partners = partners.len(), "gossip partners changed");
         }
         self.peers = partners;
     }
@@ -288,6 +289,7 @@ impl Shell {
             return;
         }
         self.endpoints_read = Some(now);
+        self.refresh_partners(replica);
         let endpoints = self.endpoints();
         if let Some(sel) = self.shared.core().paths.as_mut() {
             sel.set_advertised(endpoints.iter().map(|e| e.addr));

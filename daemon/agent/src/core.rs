@@ -181,7 +181,7 @@ impl Core {
         if changed {
             if let Some(sel) = self.paths.as_mut() {
                 sel.remove_peer(&id);
-                sel.add_peer(id, keys.clone(), now);
+                sel.add_peer(id, keys, now);
             }
             debug!(peer = %p.name, "peer keys set");
         }

@@ -109,10 +109,7 @@ fn drain_transmits(core: &mut Core, pending: &mut Vec<Pending>) {
             pending.push((first, t.payload));
         }
     }
-    loop {
-        let Some(t) = core.paths.as_mut().and_then(|s| s.poll_transmit()) else {
-            break;
-        };
+    while let Some(t) = core.paths.as_mut().and_then(|s| s.poll_transmit()) {
         if let Some(dest) = core.resolve(t.peer, &t.path) {
             pending.push((dest, t.payload));
         }
@@ -467,10 +464,7 @@ fn log_events(sh: &Shared, core: &mut Core) {
             }
         }
     }
-    loop {
-        let Some(e) = core.paths.as_mut().and_then(|s| s.poll_event()) else {
-            break;
-        };
+    while let Some(e) = core.paths.as_mut().and_then(|s| s.poll_event()) {
         match e {
             mistnet_path::Event::ActivePathChanged {
                 peer,

@@ -125,8 +125,8 @@ fn print_status(out: &mut impl Write, doc: &serde_json::Value) -> Result<()> {
     )?;
     writeln!(
         out,
-        "{:<10} {:<22} {:<12} {:>12} {:>12} {:>8}",
-        "peer", "endpoint", "handshake", "rx bytes", "tx bytes", "spoofed"
+        "{:<10} {:<22} {:<12} {:>12} {:>12} {:>8}  {:<28} {:<9} reason",
+        "peer", "endpoint", "handshake", "rx bytes", "tx bytes", "spoofed", "path", "mode"
     )?;
     for p in doc["peers"].as_array().into_iter().flatten() {
         let hs = p["latestHandshakeSecondsAgo"]
@@ -135,14 +135,55 @@ fn print_status(out: &mut impl Write, doc: &serde_json::Value) -> Result<()> {
         let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0).to_string();
         writeln!(
             out,
-            "{:<10} {:<22} {:<12} {:>12} {:>12} {:>8}",
+            "{:<10} {:<22} {:<12} {:>12} {:>12} {:>8}  {:<28} {:<9} {}",
             s(&p["name"]),
             s(&p["endpoint"]),
             hs,
             n(&p["rxBytes"]),
             n(&p["txBytes"]),
-            n(&p["spoofedDrops"])
+            n(&p["spoofedDrops"]),
+            s(&p["paths"]["active"]),
+            s(&p["paths"]["mode"]),
+            s(&p["paths"]["reason"]),
         )?;
+        for path in p["paths"]["paths"].as_array().into_iter().flatten() {
+            let ms =
+                |v: &serde_json::Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.1}"));
+            writeln!(
+                out,
+                "    {:<30} {:<8} rtt {:>7} ms  jitter {:>6} ms  loss {:>5} %  cost {}",
+                s(&path["path"]),
+                s(&path["state"]),
+                ms(&path["srttMs"]),
+                ms(&path["jitterMs"]),
+                ms(&path["lossPct"]),
+                path["cost"],
+            )?;
+        }
+    }
+    let sync = &doc["sync"];
+    if !sync.is_null() {
+        writeln!(
+            out,
+            "control channel: {} records, {} tombstones, state {} bytes, hash {}",
+            sync["records"],
+            sync["tombstones"],
+            sync["state_bytes"],
+            s(&sync["state_hash"])
+        )?;
+        for o in sync["origins"].as_array().into_iter().flatten() {
+            writeln!(
+                out,
+                "    {:<12} version {}{}",
+                s(&o["name"]),
+                o["version"],
+                if o["deleted"].as_bool() == Some(true) {
+                    " (deleted)"
+                } else {
+                    ""
+                }
+            )?;
+        }
     }
     Ok(())
 }
@@ -323,15 +364,16 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The selector's settings from the config.
 fn path_config(config: &Config) -> mistnet_path::Config {
-    let mut c = mistnet_path::Config::default();
-    c.redundancy = match config.paths.redundancy {
-        config::Redundancy::Off => mistnet_path::Redundancy::Off,
-        config::Redundancy::Auto => mistnet_path::Redundancy::Auto,
-        config::Redundancy::Always => mistnet_path::Redundancy::Always,
-    };
-    c.relay_allowed = config.paths.relay;
-    c.serve_relay = config.paths.relay;
-    c
+    mistnet_path::Config {
+        redundancy: match config.paths.redundancy {
+            config::Redundancy::Off => mistnet_path::Redundancy::Off,
+            config::Redundancy::Auto => mistnet_path::Redundancy::Auto,
+            config::Redundancy::Always => mistnet_path::Redundancy::Always,
+        },
+        relay_allowed: config.paths.relay,
+        serve_relay: config.paths.relay,
+        ..mistnet_path::Config::default()
+    }
 }
 
 fn reload(

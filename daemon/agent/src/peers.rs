@@ -65,6 +65,9 @@ impl Reconciler {
             if let Some(l) = self.learned.get(&c.name)
                 && l.public_key == c.public_key
             {
+                if p.tunnel.is_none() {
+                    p.tunnel = l.tunnel;
+                }
                 for e in &l.endpoints {
                     if !p.endpoints.contains(e) {
                         p.endpoints.push(*e);
