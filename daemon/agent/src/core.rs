@@ -57,6 +57,7 @@ pub struct Core {
     locals: Vec<SockId>,
     local_names: BTreeMap<SockId, String>,
     relay: bool,
+    control_port: Option<u16>,
     peers: BTreeMap<PeerId, PeerInfo>,
     by_name: BTreeMap<String, PeerId>,
     next_id: PeerId,
@@ -98,6 +99,7 @@ impl Core {
             locals: locals.iter().map(|(l, _, _)| *l).collect(),
             local_names: locals.iter().map(|(l, n, _)| (*l, n.clone())).collect(),
             relay,
+            control_port: None,
             peers: BTreeMap::new(),
             by_name: BTreeMap::new(),
             next_id: 1,
@@ -114,6 +116,36 @@ impl Core {
     /// This node's short id.
     pub fn my_id(&self) -> [u8; 8] {
         self.my_id
+    }
+
+    /// Sets the control channel's UDP port, whose packets are not user traffic.
+    pub fn set_control_port(&mut self, port: Option<u16>) {
+        self.control_port = port;
+    }
+
+    /// True for an IP packet of the control channel (UDP from or to its port): it keeps a
+    /// peer's paths alive without making the peer busy (fast probing is for user traffic).
+    pub fn is_control(&self, packet: &[u8]) -> bool {
+        let Some(port) = self.control_port else {
+            return false;
+        };
+        let (proto, l4) = match packet.first().map(|b| b >> 4) {
+            Some(4) => {
+                let ihl = usize::from(packet[0] & 0x0f) * 4;
+                (packet.get(9).copied(), ihl)
+            }
+            Some(6) => (packet.get(6).copied(), 40),
+            _ => return false,
+        };
+        if proto != Some(17) {
+            return false;
+        }
+        let port_at = |at: usize| {
+            packet
+                .get(l4 + at..l4 + at + 2)
+                .map(|b| u16::from_be_bytes([b[0], b[1]]))
+        };
+        port_at(0) == Some(port) || port_at(2) == Some(port)
     }
 
     /// A path for logs and status: `wlan0 -> 10.99.0.2:51820` or `relay n3`.
@@ -294,5 +326,32 @@ impl Core {
             });
         }
         self.overlay.peer_path(&peer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_packets_are_recognised() {
+        let now = Instant::now();
+        let overlay = Node::new([1; 32], now, std::time::Duration::ZERO);
+        let mut core = Core::new(overlay, None, [1; 32], Vec::new(), false);
+        let mut udp = vec![0u8; 28];
+        udp[0] = 0x45;
+        udp[9] = 17;
+        udp[22..24].copy_from_slice(&51870u16.to_be_bytes());
+        assert!(!core.is_control(&udp), "no control port set");
+        core.set_control_port(Some(51870));
+        assert!(core.is_control(&udp));
+        udp[22..24].copy_from_slice(&80u16.to_be_bytes());
+        assert!(!core.is_control(&udp));
+        udp[20..22].copy_from_slice(&51870u16.to_be_bytes());
+        assert!(core.is_control(&udp), "replies from the port count too");
+        udp[9] = 6;
+        assert!(!core.is_control(&udp), "TCP is user traffic");
+        assert!(!core.is_control(&[0x45]), "truncated");
+        assert!(!core.is_control(&[]));
     }
 }

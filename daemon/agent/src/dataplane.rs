@@ -298,8 +298,9 @@ fn tun_loop(sh: &Shared) {
                         Dest::Relay { .. } => pending.push((dest, datagram.to_vec())),
                     }
                 }
-                // The passive signal is per peer and batch, not per packet.
-                if last_peer != Some(peer) {
+                // The passive signal is per peer and batch, not per packet; the control
+                // channel's own messages do not make a peer busy.
+                if last_peer != Some(peer) && !core.is_control(&pkts[i * SLOT..i * SLOT + len]) {
                     last_peer = Some(peer);
                     if let Some(sel) = core.paths.as_mut() {
                         sel.handle_data_sent(&peer, now);
@@ -357,18 +358,26 @@ fn udp_loop(sh: &Shared, id: SockId) {
                     }
                     continue;
                 }
-                let (peer, packet) = match core.overlay.handle_datagram(path, datagram, slot, now) {
-                    Decap::Tunnel { peer, packet } => {
-                        (peer, Some((packet.as_ptr() as usize, packet.len())))
-                    }
-                    Decap::Consumed { peer } => (peer, None),
-                    Decap::Foreign | Decap::Dropped(_) => continue,
-                };
+                let (peer, packet, data) =
+                    match core.overlay.handle_datagram(path, datagram, slot, now) {
+                        Decap::Tunnel { peer, packet } => {
+                            let data = !core.is_control(packet);
+                            (peer, Some((packet.as_ptr() as usize, packet.len())), data)
+                        }
+                        // Keepalives and handshakes prove the path, but are not traffic.
+                        Decap::Consumed { peer } => (peer, None, false),
+                        Decap::Foreign | Decap::Dropped(_) => continue,
+                    };
                 if let Some((ptr, len)) = packet {
                     writes.push((i * SLOT + (ptr - base), len));
                 }
                 if let Some(sel) = core.paths.as_mut() {
-                    sel.handle_data_received(&peer, &PathId::direct(id, src), now);
+                    let path = PathId::direct(id, src);
+                    if data {
+                        sel.handle_data_received(&peer, &path, now);
+                    } else {
+                        sel.handle_alive(&peer, &path, now);
+                    }
                 }
             }
             drain_transmits(&mut core, &mut pending);
@@ -406,13 +415,21 @@ fn handle_path_message(
         }
         Ok(Handled::Relayed { from, relay, inner }) => {
             let inner = datagram.get(inner)?;
-            let result = match core.overlay.handle_datagram(path, inner, slot, now) {
-                Decap::Tunnel { packet, .. } => Some((packet.as_ptr() as usize, packet.len())),
-                Decap::Consumed { .. } => None,
+            let (result, data) = match core.overlay.handle_datagram(path, inner, slot, now) {
+                Decap::Tunnel { packet, .. } => (
+                    Some((packet.as_ptr() as usize, packet.len())),
+                    !core.is_control(packet),
+                ),
+                Decap::Consumed { .. } => (None, false),
                 Decap::Foreign | Decap::Dropped(_) => return None,
             };
             if let Some(sel) = core.paths.as_mut() {
-                sel.handle_data_received(&from, &PathId::relay(path.local, relay), now);
+                let relayed = PathId::relay(path.local, relay);
+                if data {
+                    sel.handle_data_received(&from, &relayed, now);
+                } else {
+                    sel.handle_alive(&from, &relayed, now);
+                }
             }
             result
         }

@@ -289,7 +289,8 @@ fn run(config_path: &Path) -> Result<()> {
             ))
         })
         .collect();
-    let core = core::Core::new(node, selector, private, locals, config.paths.relay);
+    let mut core = core::Core::new(node, selector, private, locals, config.paths.relay);
+    core.set_control_port(config.sync.enabled.then_some(config.sync.port));
     let shared = Arc::new(dataplane::Shared {
         core: Mutex::new(core),
         socks,

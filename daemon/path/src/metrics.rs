@@ -163,6 +163,9 @@ struct Slot {
     seq: u32,
     sent_at: Instant,
     acked: bool,
+    /// Sent while the path was not up: an outage, not link loss (see
+    /// [`LossWindow::excuse_unanswered`]).
+    excused: bool,
 }
 
 /// Fate of the last `cap` probes sent on a path (sequence numbers are consecutive per path,
@@ -190,6 +193,7 @@ impl LossWindow {
             seq,
             sent_at: now,
             acked: false,
+            excused: false,
         });
     }
 
@@ -205,12 +209,24 @@ impl LossWindow {
         Some(slot.sent_at)
     }
 
+    /// Takes the probes still unanswered out of the loss estimate. Called when a path that
+    /// was not up (down, or never up) comes up: its probes went unanswered because the path
+    /// did not work at all, which liveness already accounts for. Counted as loss they would
+    /// keep a healed path's score bad for a whole window (64 probes: minutes at the standby
+    /// rate), and it would never win back. A late answer still counts as a reply.
+    pub(crate) fn excuse_unanswered(&mut self) {
+        for s in self.slots.iter_mut().filter(|s| !s.acked) {
+            s.excused = true;
+        }
+    }
+
     /// (lost, decided): a probe is lost once unanswered for `timeout`.
     pub(crate) fn loss(&self, now: Instant, timeout: Duration) -> (u32, u32) {
         let (mut lost, mut decided) = (0, 0);
         for s in &self.slots {
             if s.acked {
                 decided += 1;
+            } else if s.excused {
             } else if now.saturating_duration_since(s.sent_at) >= timeout {
                 decided += 1;
                 lost += 1;
@@ -390,6 +406,21 @@ mod tests {
         let later = t0 + Duration::from_secs(10);
         assert_eq!(w.loss(later, Duration::from_secs(1)), (3, 4));
         assert_eq!(w.loss(t0, Duration::from_secs(1)), (0, 1));
+    }
+
+    #[test]
+    fn excused_probes_are_not_loss_but_late_answers_count() {
+        let t0 = Instant::now();
+        let mut w = LossWindow::new(8);
+        for seq in 0..4 {
+            w.on_sent(seq, t0);
+        }
+        assert!(w.on_ack(0).is_some());
+        w.excuse_unanswered();
+        assert!(w.on_ack(3).is_some(), "a late answer to an excused probe");
+        w.on_sent(4, t0);
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(w.loss(later, Duration::from_secs(1)), (1, 3));
     }
 
     #[test]

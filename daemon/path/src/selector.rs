@@ -298,13 +298,27 @@ where
     /// Cheap when nothing changes (two map lookups); an unknown path becomes a discovered
     /// candidate (the peer roamed or sits behind NAT).
     pub fn handle_data_received(&mut self, peer: &P, path: &PathId<P, L>, now: Instant) {
+        self.received(peer, path, now, true);
+    }
+
+    /// Passive signal: an authenticated datagram that is not user traffic (a keepalive, a
+    /// handshake, a control-channel message) arrived on `path`. Proves the path alive like
+    /// [`Selector::handle_data_received`], but does not make the peer busy, so an idle peer's
+    /// paths stay on the cheap probe schedule.
+    pub fn handle_alive(&mut self, peer: &P, path: &PathId<P, L>, now: Instant) {
+        self.received(peer, path, now, false);
+    }
+
+    fn received(&mut self, peer: &P, path: &PathId<P, L>, now: Instant, data: bool) {
         self.ctx.now = self.ctx.now.max(now);
         let cfg = self.ctx.cfg;
         let Some(p) = self.peers.get_mut(peer) else {
             return;
         };
         let was_busy = p.busy(&cfg, now);
-        p.last_data = Some(now);
+        if data {
+            p.last_data = Some(now);
+        }
         let changed = match p.paths.get_mut(path) {
             Some(e) => heard(peer, path, e, now, true),
             None if path.is_relay() && !cfg.relay_allowed => false,
@@ -316,7 +330,7 @@ where
                 true
             }
         };
-        if changed || !was_busy {
+        if changed || (data && !was_busy) {
             process_peer(&mut self.ctx, peer, p, now);
             self.wake_for(peer);
         }
@@ -813,6 +827,7 @@ fn heard<P: Debug, L: Debug>(
         PathState::Unknown | PathState::Probing | PathState::Down if confirms => {
             e.state = PathState::Up;
             e.backoff = 0;
+            e.window.excuse_unanswered();
         }
         PathState::Unknown | PathState::Probing | PathState::Down => return false,
     }
@@ -927,12 +942,43 @@ where
     P: Ord + Clone + Debug,
     L: Ord + Copy + Debug,
 {
+    best_live_where(ctx, peer, |pid| Some(pid) != exclude, now)
+}
+
+/// The secondary path of redundant mode: the best live path on another local underlay than
+/// the active one, else the best live path. Paths sharing a local underlay share its first
+/// hop, where burst loss usually is (a Wi-Fi radio), so a copy sent there is lost with the
+/// original. (In the lab this also keeps a copy off a path that only looks different: an
+/// address of the peer's other network reached through the same link.)
+fn best_secondary<P, L>(
+    ctx: &Ctx<P, L>,
+    peer: &Peer<P, L>,
+    active: &PathId<P, L>,
+    now: Instant,
+) -> Option<PathId<P, L>>
+where
+    P: Ord + Clone + Debug,
+    L: Ord + Copy + Debug,
+{
+    best_live_where(ctx, peer, |pid| pid.local != active.local, now)
+        .or_else(|| best_live(ctx, peer, Some(active), now))
+}
+
+/// The best-ranked live path among those `keep` accepts (paths in doubt rank last).
+fn best_live_where<P, L>(
+    ctx: &Ctx<P, L>,
+    peer: &Peer<P, L>,
+    keep: impl Fn(&PathId<P, L>) -> bool,
+    now: Instant,
+) -> Option<PathId<P, L>>
+where
+    P: Ord + Clone + Debug,
+    L: Ord + Copy + Debug,
+{
     let cfg = &ctx.cfg;
     peer.paths
         .iter()
-        .filter(|(pid, e)| {
-            Some(*pid) != exclude && e.live() && (cfg.relay_allowed || !pid.is_relay())
-        })
+        .filter(|(pid, e)| keep(pid) && e.live() && (cfg.relay_allowed || !pid.is_relay()))
         .map(|(pid, e)| {
             let doubt = if e.state == PathState::Doubt {
                 1e15
@@ -1050,7 +1096,7 @@ where
                 } else {
                     Reason::RedundancyAlways
                 };
-                let best = best_live(ctx, peer, Some(&active), now);
+                let best = best_secondary(ctx, peer, &active, now);
                 set_secondary(ctx, id, peer, best, reason);
             }
         }
@@ -1066,7 +1112,7 @@ where
             let measured = m.samples >= cfg.min_samples;
             if peer.secondary.is_none() {
                 if measured && loss_pct >= cfg.redundancy_enter_loss_pct {
-                    let best = best_live(ctx, peer, Some(&active), now);
+                    let best = best_secondary(ctx, peer, &active, now);
                     if best.is_some() {
                         peer.quiet_since = None;
                         set_secondary(ctx, id, peer, best, Reason::LossAboveThreshold);
@@ -1085,7 +1131,7 @@ where
                 peer.quiet_since = None;
             }
             if !secondary_live {
-                let best = best_live(ctx, peer, Some(&active), now);
+                let best = best_secondary(ctx, peer, &active, now);
                 set_secondary(ctx, id, peer, best, Reason::SecondaryPathDown);
             }
         }

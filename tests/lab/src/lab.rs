@@ -526,6 +526,7 @@ impl Lab {
         let mut post = String::new();
         let mut pre = String::new();
         let mut fwd = String::new();
+        let mut input = String::new();
         for (k, (net, iface)) in nets.iter().zip(interfaces).enumerate() {
             let lan = format!("lan{k}");
             let (gw, addr) = lan_addrs(i, k)?;
@@ -585,9 +586,14 @@ impl Lab {
                 "    iifname \"{lan}\" oifname != \"{}\" drop\n",
                 net.name
             ));
+            // Like a home router's firewall: unsolicited datagrams to the router itself are
+            // dropped, not answered. Accepted, each would leave a conntrack entry that takes
+            // the node's port on the router (the node's own datagram to that peer then gets
+            // a new port), which defeats simultaneous-open hole punching.
+            input.push_str(&format!("    iifname \"{}\" ct state new drop\n", net.name));
         }
         let script = format!(
-            "table ip mistlab {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n{post}  }}\n  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n{pre}  }}\n  chain forward {{\n    type filter hook forward priority filter; policy accept;\n{fwd}  }}\n}}\n"
+            "table ip mistlab {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n{post}  }}\n  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n{pre}  }}\n  chain forward {{\n    type filter hook forward priority filter; policy accept;\n{fwd}  }}\n  chain input {{\n    type filter hook input priority filter; policy accept;\n{input}  }}\n}}\n"
         );
         nft_apply(&r.netns, &script)
     }

@@ -18,7 +18,9 @@ pub mod cni;
 pub mod demo;
 pub mod lab;
 pub mod ns;
+pub mod probe;
 pub mod topology;
 
 pub use lab::{Interface, Lab, LabSpec, LinkImpairment, NodeInfo, PodInfo, RouterInfo};
+pub use probe::{ProbeReport, ProbeStream};
 pub use topology::{Nat, Network, NodeSpec, Topology};

@@ -1,0 +1,365 @@
+//! Adaptive path selection, measured in mistlabs of two nodes with two underlays each (wlan0
+//! cost 10, lte0 cost 50, both emulated by netbench), side by side with plain WireGuard
+//! behaviour (mistnetd with `[paths] enabled = false`: one endpoint, never switched) in the
+//! same run:
+//!
+//! - failover outage: a 5 ms UDP probe stream pod → pod, the active path's link is cut;
+//!   outage = longest run of lost probes;
+//! - TCP goodput with 20 % burst loss (Gilbert-Elliott) on the best path and a clean, slower
+//!   second path, relative to the clean goodput;
+//! - probe overhead (wire bytes/s per peer) idle and busy, from `pathStats`.
+//!
+//! Usage: `path-bench [--trials N] [--seconds S] [--json]` (root; the lab's binaries in the
+//! directory of this one).
+#![allow(clippy::print_stdout)]
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use mistlab::{Lab, LabSpec, ProbeStream, ns};
+use serde_json::{Value, json};
+
+const PROBE_PORT: u16 = 9400;
+/// How long a cut link stays cut in a failover trial (and the "never recovered" horizon).
+const CUT: Duration = Duration::from_millis(1500);
+
+struct Args {
+    trials: usize,
+    seconds: u32,
+    json: bool,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        trials: 20,
+        seconds: 5,
+        json: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(x) = it.next() {
+        match x.as_str() {
+            "--trials" => a.trials = it.next().context("--trials N")?.parse()?,
+            "--seconds" => a.seconds = it.next().context("--seconds S")?.parse()?,
+            "--json" => a.json = true,
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    Ok(a)
+}
+
+fn topology(wlan: &str, lte: &str) -> String {
+    format!(
+        "[networks.wlan0]\nsubnet = \"10.99.0.0/24\"\ndefault = \"{wlan}\"\ncost = 10\n\
+         [networks.lte0]\nsubnet = \"10.98.0.0/24\"\ndefault = \"{lte}\"\ncost = 50\nmetered = true\n"
+    )
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let bin_dir = std::env::current_exe()?
+        .parent()
+        .context("exe dir")?
+        .to_path_buf();
+    let started = Instant::now();
+
+    eprintln!("failover: mistnet, {} trials ...", args.trials);
+    let mut lab = new_lab("pbfail", &topology("delay=2ms", "delay=10ms"), &bin_dir)?;
+    let overhead = probe_overhead(&lab)?;
+    let mist = failover_trials(&mut lab, args.trials)?;
+    eprintln!("failover: plain WireGuard ...");
+    set_paths(&mut lab, "enabled = false")?;
+    let plain = failover_trials(&mut lab, args.trials.min(3))?;
+    lab.down()?;
+
+    eprintln!("goodput under 20 % burst loss ...");
+    let mut lab = new_lab(
+        "pbgood",
+        &topology("delay=5ms rate=40mbit", "delay=15ms rate=20mbit"),
+        &bin_dir,
+    )?;
+    let goodput = goodput_rows(&mut lab, args.seconds)?;
+    lab.down()?;
+
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let doc = json!({
+            "failover": [failover_json("mistnet", &mist), failover_json("plain WireGuard", &plain)],
+            "goodput": goodput.iter().map(|(n, m)| json!({"variant": n, "mbps": m})).collect::<Vec<_>>(),
+            "probe_overhead_bytes_per_s": overhead,
+            "runtime_s": started.elapsed().as_secs_f64(),
+        });
+        writeln!(out, "{doc:#}")?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "failover outage (5 ms UDP probe stream pod → pod, active link cut for {} ms)",
+        CUT.as_millis()
+    )?;
+    writeln!(out, "| variant | trials | p50 | p95 | max | recovered |")?;
+    writeln!(out, "|---|---|---|---|---|---|")?;
+    for (name, t) in [("mistnet", &mist), ("plain WireGuard", &plain)] {
+        let (p50, p95, max) = percentiles(t);
+        let rec = t.iter().filter(|x| x.1).count();
+        writeln!(
+            out,
+            "| {name} | {} | {} | {} | {} | {rec}/{} |",
+            t.len(),
+            fmt_gap(p50, t),
+            fmt_gap(p95, t),
+            fmt_gap(max, t),
+            t.len()
+        )?;
+    }
+    writeln!(out)?;
+    let clean = goodput.first().map_or(1.0, |r| r.1);
+    writeln!(
+        out,
+        "TCP goodput pod → pod, {} s, wlan0 20 % burst loss (ge=5%,20%,0%,100%), lte0 clean",
+        args.seconds
+    )?;
+    writeln!(out, "| variant | goodput | vs clean |")?;
+    writeln!(out, "|---|---|---|")?;
+    for (n, m) in &goodput {
+        writeln!(out, "| {n} | {m:.1} Mbit/s | {:.2}× |", m / clean)?;
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "probe overhead per peer (wire bytes/s sent by one node)"
+    )?;
+    writeln!(out, "| state | bytes/s |")?;
+    writeln!(out, "|---|---|")?;
+    for (k, v) in overhead.as_object().into_iter().flatten() {
+        writeln!(out, "| {k} | {:.0} |", v.as_f64().unwrap_or(0.0))?;
+    }
+    writeln!(out, "\nruntime {:.0} s", started.elapsed().as_secs_f64())?;
+    Ok(())
+}
+
+fn new_lab(name: &str, topo: &str, bin_dir: &std::path::Path) -> Result<Lab> {
+    let mut spec = LabSpec::new(name, 2, 1).with_topology_str(topo)?;
+    spec.bin_dir = bin_dir.to_path_buf();
+    let lab = Lab::up(&spec)?;
+    wait(&lab, |a| a.starts_with("wlan0"), 10)?;
+    Ok(lab)
+}
+
+/// Rewrites both nodes' `[paths]` table and restarts their daemons.
+fn set_paths(lab: &mut Lab, body: &str) -> Result<()> {
+    for n in ["n1", "n2"] {
+        let path = lab.node(n)?.dir.join("mistnetd.toml");
+        let text = std::fs::read_to_string(&path)?;
+        let base = text.split("\n[paths]\n").next().unwrap_or(&text).to_owned();
+        std::fs::write(&path, format!("{base}\n[paths]\n{body}\n"))?;
+    }
+    for n in ["n1", "n2"] {
+        lab.restart_daemon(n)?;
+    }
+    // Fresh daemons handshake again (over a lossy link, possibly after a retry).
+    let dst = pod_ip(lab, "n2-p1")?.to_string();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !lab.ping("n1-p1", &dst, 3)? {
+        ensure!(
+            Instant::now() < deadline,
+            "no connectivity after reconfiguring [paths] {body}"
+        );
+    }
+    Ok(())
+}
+
+/// One trial per entry: (outage, recovered).
+fn failover_trials(lab: &mut Lab, trials: usize) -> Result<Vec<(Duration, bool)>> {
+    let mut out = Vec::new();
+    for i in 0..trials {
+        // Cut the network the active path is on (alternates as paths fail over and back),
+        // once the other network's path is up again.
+        let net = match active(lab)? {
+            Some(a) if a.starts_with("lte0") => "lte0",
+            Some(_) | None => "wlan0",
+        };
+        let other = if net == "wlan0" { "lte0" } else { "wlan0" };
+        wait_path_up(lab, other, 8)?;
+        let s = ProbeStream::start(
+            &lab.pod("n1-p1")?.netns,
+            &lab.pod("n2-p1")?.netns,
+            pod_ip(lab, "n2-p1")?,
+            PROBE_PORT,
+            Duration::from_millis(5),
+        )?;
+        std::thread::sleep(Duration::from_millis(300));
+        lab.link_spec_on(net, "n1", "n2", "down")?;
+        std::thread::sleep(CUT);
+        let r = s.stop();
+        lab.link_spec_on(net, "n1", "n2", "up")?;
+        let gap = r.longest_gap();
+        eprintln!(
+            "  trial {i}: cut {net}, outage {gap:?}, recovered {}",
+            r.recovered()
+        );
+        out.push((gap, r.recovered()));
+        if !r.recovered() {
+            // Plain WireGuard: give the restored link a moment before the next trial.
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    Ok(out)
+}
+
+/// TCP goodput rows: clean, then 20 % burst loss on wlan0 with redundancy auto, off, and a
+/// single path (selection off: the first endpoint, on wlan0).
+fn goodput_rows(lab: &mut Lab, secs: u32) -> Result<Vec<(String, f64)>> {
+    let mut rows = Vec::new();
+    rows.push(("clean links (mistnet)".to_owned(), tcp(lab, secs)?));
+    lab.link_spec_on("wlan0", "n1", "n2", "ge=5%,20%,0%,100%")?;
+    rows.push((
+        "20 % burst loss, redundancy auto".to_owned(),
+        tcp(lab, secs)?,
+    ));
+    set_paths(lab, "redundancy = \"off\"")?;
+    rows.push((
+        "20 % burst loss, redundancy off".to_owned(),
+        tcp(lab, secs)?,
+    ));
+    set_paths(lab, "enabled = false")?;
+    rows.push((
+        "20 % burst loss, single path (wlan0 only)".to_owned(),
+        tcp(lab, secs)?,
+    ));
+    Ok(rows)
+}
+
+fn tcp(lab: &Lab, secs: u32) -> Result<f64> {
+    let dst = pod_ip(lab, "n2-p1")?.to_string();
+    let mut server = ns::command(&lab.pod("n2-p1")?.netns, &["iperf3", "-s", "-1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let out = lab.exec(
+        "n1-p1",
+        &["iperf3", "-c", &dst, "-t", &secs.to_string(), "-J"],
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    let out = out?;
+    ensure!(
+        out.status.success(),
+        "iperf3: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 JSON")?;
+    eprintln!("  {:.1} Mbit/s", bps / 1e6);
+    Ok(bps / 1e6)
+}
+
+/// Probe bytes/s n1 sends to its one peer: idle (no data for > 5 s), and busy (a 5 ms
+/// stream, whose own bytes are not counted: only `pathStats.probe_bytes_sent`).
+fn probe_overhead(lab: &Lab) -> Result<Value> {
+    let bytes = |lab: &Lab| -> Result<f64> {
+        let st = lab.daemon_status("n1")?;
+        st["pathStats"]["probe_bytes_sent"]
+            .as_f64()
+            .context("pathStats.probe_bytes_sent")
+    };
+    std::thread::sleep(Duration::from_secs(6));
+    let (b0, t0) = (bytes(lab)?, Instant::now());
+    std::thread::sleep(Duration::from_secs(8));
+    let idle = (bytes(lab)? - b0) / t0.elapsed().as_secs_f64();
+    let s = ProbeStream::start(
+        &lab.pod("n1-p1")?.netns,
+        &lab.pod("n2-p1")?.netns,
+        pod_ip(lab, "n2-p1")?,
+        PROBE_PORT,
+        Duration::from_millis(5),
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    let (b0, t0) = (bytes(lab)?, Instant::now());
+    std::thread::sleep(Duration::from_secs(4));
+    let busy = (bytes(lab)? - b0) / t0.elapsed().as_secs_f64();
+    drop(s);
+    Ok(json!({"idle": idle, "busy (data flowing)": busy}))
+}
+
+fn active(lab: &Lab) -> Result<Option<String>> {
+    let st = lab.daemon_status("n1")?;
+    Ok(peer(&st)["paths"]["active"].as_str().map(str::to_owned))
+}
+
+fn peer(st: &Value) -> &Value {
+    &st["peers"][0]
+}
+
+fn wait(lab: &Lab, ok: impl Fn(&str) -> bool, secs: u64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if active(lab)?.as_deref().is_some_and(&ok) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!(
+        "active path not as expected: {:#}",
+        lab.daemon_status("n1")?
+    )
+}
+
+/// Waits until a path on `net` is up (selection off: no paths, nothing to wait for).
+fn wait_path_up(lab: &Lab, net: &str, secs: u64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let st = lab.daemon_status("n1")?;
+        let paths = &peer(&st)["paths"];
+        if paths.is_null()
+            || paths["paths"].as_array().into_iter().flatten().any(|p| {
+                p["state"] == "up" && p["path"].as_str().is_some_and(|s| s.starts_with(net))
+            })
+        {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "no path up on {net}: {paths:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn pod_ip(lab: &Lab, pod: &str) -> Result<IpAddr> {
+    Ok(lab.pod(pod)?.ips[0].parse()?)
+}
+
+fn percentiles(t: &[(Duration, bool)]) -> (Duration, Duration, Duration) {
+    let mut v: Vec<Duration> = t.iter().map(|x| x.0).collect();
+    v.sort();
+    let at = |q: f64| {
+        let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len().max(1)) - 1;
+        v.get(i).copied().unwrap_or_default()
+    };
+    (at(0.5), at(0.95), v.last().copied().unwrap_or_default())
+}
+
+fn fmt_gap(d: Duration, t: &[(Duration, bool)]) -> String {
+    if t.iter().all(|x| !x.1) {
+        format!("never recovered within {} ms", CUT.as_millis())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}
+
+fn failover_json(name: &str, t: &[(Duration, bool)]) -> Value {
+    let (p50, p95, max) = percentiles(t);
+    json!({
+        "variant": name,
+        "trials": t.len(),
+        "outage_ms": t.iter().map(|x| x.0.as_secs_f64() * 1e3).collect::<Vec<_>>(),
+        "recovered": t.iter().filter(|x| x.1).count(),
+        "p50_ms": p50.as_secs_f64() * 1e3,
+        "p95_ms": p95.as_secs_f64() * 1e3,
+        "max_ms": max.as_secs_f64() * 1e3,
+    })
+}
