@@ -1,6 +1,7 @@
 //! The local API: a unix socket (mode 0600) taking one request line per connection.
 //!
 //! - `status` (or nothing): the status document as JSON.
+//! - `metrics`: every metric in the Prometheus text format (see `metrics`).
 //! - `delete-link <index> <name>`: the CNI plugin hands a pod veth's deletion to the daemon,
 //!   whose deleter thread sits through the kernel's post-unregister wait (see
 //!   `mistnet_cni::pod::teardown_via_daemon`). Only links named like pod veths are accepted.
@@ -61,6 +62,13 @@ pub fn serve(
                             .unwrap_or_else(std::sync::PoisonError::into_inner)
                             .clone();
                         status(&shared, &facts).to_string()
+                    }
+                    ["metrics"] => {
+                        let facts = facts
+                            .read()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .clone();
+                        crate::metrics::render(&status(&shared, &facts))
                     }
                     ["delete-link", index, name] => delete_link(&deleter, index, name),
                     _ => "error unknown request\n".to_owned(),
@@ -259,10 +267,16 @@ pub fn status(shared: &Shared, facts: &NodeFacts) -> Value {
 
 /// Fetches the status document from a running daemon.
 pub fn fetch(path: &Path) -> Result<Value> {
+    let text = request(path, "status")?;
+    serde_json::from_str(&text).context("malformed status document")
+}
+
+/// Sends one request to a running daemon and returns its answer.
+pub fn request(path: &Path, what: &str) -> Result<String> {
     let mut conn = UnixStream::connect(path)
         .with_context(|| format!("connecting to {} (is mistnetd running?)", path.display()))?;
-    conn.write_all(b"status\n")?;
+    conn.write_all(format!("{what}\n").as_bytes())?;
     let mut text = String::new();
     conn.read_to_string(&mut text)?;
-    serde_json::from_str(&text).context("malformed status document")
+    Ok(text)
 }

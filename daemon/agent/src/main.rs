@@ -12,6 +12,7 @@ mod control;
 mod core;
 mod dataplane;
 mod keys;
+mod metrics;
 mod peers;
 
 use std::collections::BTreeSet;
@@ -59,6 +60,11 @@ enum Cmd {
         #[arg(long)]
         key: PathBuf,
     },
+    /// Print every metric of a running daemon (Prometheus text format).
+    Metrics {
+        #[arg(long, default_value = api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
     /// Show peers, endpoints, handshakes and counters of a running daemon.
     Status {
         #[arg(long)]
@@ -98,6 +104,10 @@ fn dispatch(cli: Cli) -> Result<()> {
         Cmd::Pubkey { key } => {
             let k = keys::read(&key)?;
             writeln!(out, "{}", keys::encode(&keys::public(&k)))?;
+            Ok(())
+        }
+        Cmd::Metrics { socket } => {
+            write!(out, "{}", api::request(&socket, "metrics")?)?;
             Ok(())
         }
         Cmd::Status { json, socket } => {
