@@ -40,6 +40,12 @@ if [ "$status" -eq 0 ]; then
   cargo test --locked -p mistnet-overlay --features mock-clock -- --test-threads=1 timers 2>&1 | tee -a "$log"
   status=${PIPESTATUS[0]}
 fi
+# The heavy simulations, optimised: thousands of seeded path-selection runs (failover bound,
+# probe budget) and the 1000-node control-channel convergence (ignored in debug builds).
+if [ "$status" -eq 0 ]; then
+  MISTNET_SIM_RUNS="${MISTNET_SIM_RUNS:-10000}" cargo test --release --locked -p mistnet-path -p mistnet-sync 2>&1 | tee -a "$log"
+  status=${PIPESTATUS[0]}
+fi
 set -e
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }

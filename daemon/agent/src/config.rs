@@ -56,13 +56,36 @@ pub struct Underlay {
 }
 
 /// Path selection settings (`[paths]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PathsConf {
     /// Probe and choose paths per peer; off = plain WireGuard roaming.
     pub enabled: bool,
     pub redundancy: Redundancy,
     /// Use other nodes as relays when no direct path works, and serve as one.
     pub relay: bool,
+    /// The selector preset the settings below adjust.
+    pub preset: PathPreset,
+    /// Probe interval of the active path while traffic flows (ms).
+    pub active_probe_ms: Option<u64>,
+    /// Probe interval of standby paths (ms).
+    pub standby_probe_ms: Option<u64>,
+    /// Silence after which the active path is declared dead (ms).
+    pub silence_timeout_ms: Option<u64>,
+    /// How long a better path must stay better before traffic moves (ms).
+    pub switch_hold_ms: Option<u64>,
+    /// Loss (%) of the active path at which redundancy turns on.
+    pub redundancy_enter_loss_pct: Option<f64>,
+    /// Loss (%) below which redundancy turns off again.
+    pub redundancy_leave_loss_pct: Option<f64>,
+}
+
+/// The selector preset the `[paths]` settings start from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathPreset {
+    /// Fast failover (≈ 250 ms), 50 ms probes while traffic flows.
+    Default,
+    /// Half the probe rate and a 400 ms silence timeout, for nodes that live on metered links.
+    Frugal,
 }
 
 /// When to send each packet on two paths.
@@ -82,7 +105,13 @@ pub struct SyncConf {
     pub port: u16,
     /// Public key (base64 ed25519) of the cluster authority that may delete nodes.
     pub authority: Option<[u8; 32]>,
+    /// Bytes per second of control traffic to a peer reached over a metered underlay.
+    pub metered_budget: u32,
 }
+
+/// Default control-channel budget towards a peer over a metered link (bytes/s): two full
+/// records a second, far above the steady state (a few bytes per second).
+pub const DEFAULT_METERED_BUDGET: u32 = 512;
 
 /// MTU of mist0 and pods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,6 +198,20 @@ struct RawPaths {
     /// Relays allowed (default).
     #[serde(default = "yes")]
     relay: bool,
+    #[serde(default)]
+    preset: Option<String>,
+    #[serde(default)]
+    active_probe_ms: Option<u64>,
+    #[serde(default)]
+    standby_probe_ms: Option<u64>,
+    #[serde(default)]
+    silence_timeout_ms: Option<u64>,
+    #[serde(default)]
+    switch_hold_ms: Option<u64>,
+    #[serde(default)]
+    redundancy_enter_loss_pct: Option<f64>,
+    #[serde(default)]
+    redundancy_leave_loss_pct: Option<f64>,
 }
 
 impl Default for RawPaths {
@@ -177,6 +220,13 @@ impl Default for RawPaths {
             enabled: true,
             redundancy: None,
             relay: true,
+            preset: None,
+            active_probe_ms: None,
+            standby_probe_ms: None,
+            silence_timeout_ms: None,
+            switch_hold_ms: None,
+            redundancy_enter_loss_pct: None,
+            redundancy_leave_loss_pct: None,
         }
     }
 }
@@ -192,6 +242,8 @@ struct RawSync {
     port: Option<u16>,
     #[serde(default)]
     authority_key: Option<String>,
+    #[serde(default)]
+    metered_budget: Option<u32>,
 }
 
 impl Default for RawSync {
@@ -200,6 +252,7 @@ impl Default for RawSync {
             enabled: true,
             port: None,
             authority_key: None,
+            metered_budget: None,
         }
     }
 }
@@ -291,6 +344,39 @@ impl Config {
             Some("always") => Redundancy::Always,
             Some(other) => bail!("paths.redundancy: {other:?} must be off, auto or always"),
         };
+        let preset = match raw.paths.preset.as_deref() {
+            None | Some("default") => PathPreset::Default,
+            Some("frugal") => PathPreset::Frugal,
+            Some(other) => bail!("paths.preset: {other:?} must be default or frugal"),
+        };
+        for (field, v) in [
+            ("paths.active_probe_ms", raw.paths.active_probe_ms),
+            ("paths.standby_probe_ms", raw.paths.standby_probe_ms),
+            ("paths.silence_timeout_ms", raw.paths.silence_timeout_ms),
+            ("paths.switch_hold_ms", raw.paths.switch_hold_ms),
+        ] {
+            if let Some(ms) = v
+                && !(5..=600_000).contains(&ms)
+            {
+                bail!("{field}: {ms} must be 5..=600000 ms");
+            }
+        }
+        for (field, v) in [
+            (
+                "paths.redundancy_enter_loss_pct",
+                raw.paths.redundancy_enter_loss_pct,
+            ),
+            (
+                "paths.redundancy_leave_loss_pct",
+                raw.paths.redundancy_leave_loss_pct,
+            ),
+        ] {
+            if let Some(pct) = v
+                && !(0.0..=100.0).contains(&pct)
+            {
+                bail!("{field}: {pct} must be a percentage (0-100)");
+            }
+        }
         let authority = raw
             .sync
             .authority_key
@@ -370,11 +456,19 @@ impl Config {
                 enabled: raw.paths.enabled,
                 redundancy,
                 relay: raw.paths.relay,
+                preset,
+                active_probe_ms: raw.paths.active_probe_ms,
+                standby_probe_ms: raw.paths.standby_probe_ms,
+                silence_timeout_ms: raw.paths.silence_timeout_ms,
+                switch_hold_ms: raw.paths.switch_hold_ms,
+                redundancy_enter_loss_pct: raw.paths.redundancy_enter_loss_pct,
+                redundancy_leave_loss_pct: raw.paths.redundancy_leave_loss_pct,
             },
             sync: SyncConf {
                 enabled: raw.sync.enabled,
                 port: raw.sync.port.unwrap_or(DEFAULT_SYNC_PORT),
                 authority,
+                metered_budget: raw.sync.metered_budget.unwrap_or(DEFAULT_METERED_BUDGET),
             },
         })
     }
@@ -542,6 +636,19 @@ persistent_keepalive = 25
         assert!(
             err(&format!("{head}[sync]\nauthority_key = \"x\"\n")).contains("sync.authority_key")
         );
+        for (text, field) in [
+            ("silence_timeout_ms = 1", "paths.silence_timeout_ms"),
+            (
+                "redundancy_enter_loss_pct = 120.0",
+                "redundancy_enter_loss_pct",
+            ),
+            ("preset = \"fast\"", "paths.preset"),
+        ] {
+            assert!(
+                err(&format!("{head}[paths]\n{text}\n")).contains(field),
+                "{field}"
+            );
+        }
     }
 
     #[test]

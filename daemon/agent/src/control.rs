@@ -246,14 +246,7 @@ impl Shell {
                 continue;
             };
             partners.insert(p.name.clone(), ip);
-            let cost = self.link_cost(p);
-            replica.add_peer(
-                p.name.clone(),
-                LinkInfo {
-                    cost,
-                    budget_bytes_per_sec: None,
-                },
-            );
+            replica.add_peer(p.name.clone(), self.link_to(&p.name));
         }
         for gone in self.peers.keys().filter(|n| !partners.contains_key(*n)) {
             replica.remove_peer(gone);
@@ -264,14 +257,31 @@ impl Shell {
         self.peers = partners;
     }
 
-    /// The cheapest underlay's cost (what the selector will most likely use).
-    fn link_cost(&self, _peer: &PeerConf) -> u32 {
-        self.config
-            .underlays
-            .iter()
-            .map(|u| u.cost)
-            .min()
-            .unwrap_or(crate::config::DEFAULT_UNDERLAY_COST)
+    /// The link a peer is reached over: the underlay of its current path (cheapest one while
+    /// none is chosen); over a metered underlay, control traffic gets a budget.
+    fn link_to(&self, name: &str) -> LinkInfo {
+        let local = {
+            let core = self.shared.core();
+            core.id_of(name)
+                .and_then(|id| core.dests(id, core.overlay.peer_path(&id)).first)
+                .map(|d| match d {
+                    crate::core::Dest::Direct(p) => p.local,
+                    crate::core::Dest::Relay { via, .. } => via.local,
+                })
+        };
+        let underlay = local
+            .and_then(|l| self.config.underlays.get(usize::from(l)))
+            .or_else(|| self.config.underlays.iter().min_by_key(|u| u.cost));
+        match underlay {
+            Some(u) => LinkInfo {
+                cost: u.cost,
+                budget_bytes_per_sec: u.metered.then_some(self.config.sync.metered_budget),
+            },
+            None => LinkInfo {
+                cost: crate::config::DEFAULT_UNDERLAY_COST,
+                budget_bytes_per_sec: None,
+            },
+        }
     }
 
     fn peer_of(&self, src: IpAddr) -> Option<String> {

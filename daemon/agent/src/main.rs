@@ -375,15 +375,31 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The selector's settings from the config.
 fn path_config(config: &Config) -> mistnet_path::Config {
+    let p = &config.paths;
+    let base = match p.preset {
+        config::PathPreset::Default => mistnet_path::Config::default(),
+        config::PathPreset::Frugal => mistnet_path::Config::frugal(),
+    };
+    let ms = |v: Option<u64>, default| v.map_or(default, std::time::Duration::from_millis);
     mistnet_path::Config {
-        redundancy: match config.paths.redundancy {
+        redundancy: match p.redundancy {
             config::Redundancy::Off => mistnet_path::Redundancy::Off,
             config::Redundancy::Auto => mistnet_path::Redundancy::Auto,
             config::Redundancy::Always => mistnet_path::Redundancy::Always,
         },
-        relay_allowed: config.paths.relay,
-        serve_relay: config.paths.relay,
-        ..mistnet_path::Config::default()
+        relay_allowed: p.relay,
+        serve_relay: p.relay,
+        active_probe_interval: ms(p.active_probe_ms, base.active_probe_interval),
+        standby_probe_interval: ms(p.standby_probe_ms, base.standby_probe_interval),
+        silence_timeout: ms(p.silence_timeout_ms, base.silence_timeout),
+        switch_hold: ms(p.switch_hold_ms, base.switch_hold),
+        redundancy_enter_loss_pct: p
+            .redundancy_enter_loss_pct
+            .unwrap_or(base.redundancy_enter_loss_pct),
+        redundancy_leave_loss_pct: p
+            .redundancy_leave_loss_pct
+            .unwrap_or(base.redundancy_leave_loss_pct),
+        ..base
     }
 }
 
