@@ -164,6 +164,10 @@ impl Shell {
                     let Some(bytes) = buf.get(..len) else {
                         continue;
                     };
+                    if !self.peers.contains_key(&from) {
+                        // A peer configured since the last refresh (SIGHUP): answer it now.
+                        self.refresh_partners(replica);
+                    }
                     if let Err(e) = replica.handle_message(from.clone(), bytes, Instant::now()) {
                         debug!(peer = %from, error = %e, "control message refused");
                     }

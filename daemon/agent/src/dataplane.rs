@@ -98,10 +98,19 @@ impl Shared {
 }
 
 /// Moves what the cores queued (overlay handshakes and keepalives, path probes) into
-/// `pending`, each to the destinations the selector chose.
-fn drain_transmits(core: &mut Core, pending: &mut Vec<Pending>) {
+/// `pending`, each to the destinations the selector chose. `replies`: the overlay's
+/// transmits answer datagrams just received (handshake responses, flushed queues), so they
+/// also go back on the path the datagram came in on, as WireGuard does: a peer that just
+/// restarted is reached there even while the selector still holds another path (a relay
+/// chosen while the peer was away).
+fn drain_transmits(core: &mut Core, pending: &mut Vec<Pending>, replies: bool) {
     while let Some(t) = core.overlay.poll_transmit() {
         let d = core.dests(t.peer, Some(t.path));
+        let back = Dest::Direct(t.path);
+        // Port 0: the datagram came through a relay (see `handle_path_message`).
+        if replies && t.path.remote.port() != 0 && d.first != Some(back) && d.second != Some(back) {
+            pending.push((back, t.payload.clone()));
+        }
         if let Some(second) = d.second {
             pending.push((second, t.payload.clone()));
         }
@@ -307,7 +316,7 @@ fn tun_loop(sh: &Shared) {
                     }
                 }
             }
-            drain_transmits(&mut core, &mut pending);
+            drain_transmits(&mut core, &mut pending, false);
             core.my_id()
         };
         send_all(sh, &mut mmsg, &out, &sends);
@@ -380,7 +389,7 @@ fn udp_loop(sh: &Shared, id: SockId) {
                     }
                 }
             }
-            drain_transmits(&mut core, &mut pending);
+            drain_transmits(&mut core, &mut pending, true);
             core.my_id()
         };
         for (offset, len) in writes.drain(..) {
@@ -415,7 +424,13 @@ fn handle_path_message(
         }
         Ok(Handled::Relayed { from, relay, inner }) => {
             let inner = datagram.get(inner)?;
-            let (result, data) = match core.overlay.handle_datagram(path, inner, slot, now) {
+            // The relay's address is no way back to the peer: the overlay gets an unspecified
+            // one, so nothing is ever sent there unwrapped.
+            let via = Path {
+                local: path.local,
+                remote: SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
+            };
+            let (result, data) = match core.overlay.handle_datagram(via, inner, slot, now) {
                 Decap::Tunnel { packet, .. } => (
                     Some((packet.as_ptr() as usize, packet.len())),
                     !core.is_control(packet),
@@ -451,7 +466,7 @@ fn timer_loop(sh: &Shared) {
             if let Some(sel) = core.paths.as_mut() {
                 sel.handle_timeout(now);
             }
-            drain_transmits(&mut core, &mut pending);
+            drain_transmits(&mut core, &mut pending, false);
             log_events(sh, &mut core);
             let overlay = core.overlay.poll_timeout().map(|(t, _)| t);
             let paths = core

@@ -314,12 +314,17 @@ fn print_status(out: &mut impl Write, lab: &Lab) -> Result<()> {
             }
         )?;
     }
+    let status = lab.status();
     writeln!(
         out,
-        "{:<6} {:<10} {:<44} NAT router",
-        "node", "zone", "interfaces"
+        "{:<6} {:<10} {:<44} {:<16} {:<20} NAT router",
+        "node", "zone", "interfaces", "pod CIDRs", "daemon"
     )?;
-    for n in lab.nodes() {
+    for (n, st) in lab
+        .nodes()
+        .iter()
+        .zip(status["nodes"].as_array().into_iter().flatten())
+    {
         let ifaces: Vec<String> = n
             .interfaces
             .iter()
@@ -340,40 +345,47 @@ fn print_status(out: &mut impl Write, lab: &Lab) -> Result<()> {
             ),
             None => "-".to_owned(),
         };
-        writeln!(
-            out,
-            "{:<6} {:<10} {:<44} {router}",
-            n.name,
-            n.zone.as_deref().unwrap_or("-"),
-            ifaces.join(", ")
-        )?;
-    }
-    writeln!(
-        out,
-        "{:<6} {:<12} {:<34} daemon",
-        "node", "underlay", "pod CIDRs"
-    )?;
-    let status = lab.status();
-    for n in status["nodes"].as_array().into_iter().flatten() {
-        let daemon = match (n["daemonPid"].as_u64(), n["daemonAlive"].as_bool()) {
+        let daemon = match (st["daemonPid"].as_u64(), st["daemonAlive"].as_bool()) {
             (Some(pid), Some(true)) => format!("running (pid {pid})"),
             (Some(pid), _) => format!("DEAD (pid {pid})"),
             (None, _) => "-".to_owned(),
         };
-        let cidrs: Vec<&str> = n["podCidrs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|c| c.as_str())
-            .collect();
+        let cidrs: Vec<String> = n.pod_cidrs.iter().map(ToString::to_string).collect();
         writeln!(
             out,
-            "{:<6} {:<12} {:<34} {}",
-            n["name"].as_str().unwrap_or("?"),
-            n["underlay"].as_str().unwrap_or("?"),
+            "{:<6} {:<10} {:<44} {:<16} {:<20} {router}",
+            n.name,
+            n.zone.as_deref().unwrap_or("-"),
+            ifaces.join(", "),
             cidrs.join(","),
             daemon
         )?;
+    }
+    writeln!(
+        out,
+        "{:<6} {:<6} {:<30} {:<10} {:<11} {:>10}",
+        "node", "peer", "path", "mode", "handshake", "rx bytes"
+    )?;
+    for st in status["nodes"].as_array().into_iter().flatten() {
+        for p in st["peers"].as_array().into_iter().flatten() {
+            let hs = p["latestHandshakeSecondsAgo"]
+                .as_u64()
+                .map_or("never".to_owned(), |s| format!("{s}s ago"));
+            let path = p["paths"]["active"]
+                .as_str()
+                .or(p["endpoint"].as_str())
+                .unwrap_or("-");
+            writeln!(
+                out,
+                "{:<6} {:<6} {:<30} {:<10} {:<11} {:>10}",
+                st["name"].as_str().unwrap_or("?"),
+                p["name"].as_str().unwrap_or("?"),
+                path,
+                p["paths"]["mode"].as_str().unwrap_or("-"),
+                hs,
+                p["rxBytes"]
+            )?;
+        }
     }
     writeln!(out, "{:<8} {:<6} addresses", "pod", "node")?;
     for p in lab.pods() {
