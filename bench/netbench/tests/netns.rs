@@ -297,9 +297,10 @@ fn tcp_throughput_matches_iperf3() {
             .expect("iperf3 is installed"),
     );
     wait_listening(&b, 5201);
-    // Interleaved runs, best of two each: the machine is shared, so single runs are noisy.
+    // Interleaved runs, best of three each: the machine is shared, so single runs are noisy
+    // (±10 % from run to run at ~15 Gbit/s).
     let (mut nb, mut ip3) = (0.0f64, 0.0f64);
-    for _ in 0..2 {
+    for _ in 0..3 {
         let out = a
             .cmd("iperf3", &["-c", &ip_b, "-p", "5201", "-t", "2", "-J"])
             .output()

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mistnet_overlay::{Node, Path, PeerConfig};
 use mistnet_path::{LocalInfo, PathId, PeerKeys, Selector, Via};
@@ -18,6 +18,10 @@ use tracing::debug;
 
 use crate::config::PeerConf;
 use crate::dataplane::SockId;
+use crate::reorder::{Reorder, Verdict};
+
+/// Longest a packet waits for a gap before it in the reorder buffer.
+const MAX_REORDER_HOLD: Duration = Duration::from_millis(100);
 
 /// Where one copy of a datagram goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +62,8 @@ pub struct Core {
     local_names: BTreeMap<SockId, String>,
     relay: bool,
     control_port: Option<u16>,
+    /// Per peer: how long the reorder buffer holds (zero: off) and the buffer.
+    reorder: BTreeMap<PeerId, (Duration, Reorder)>,
     peers: BTreeMap<PeerId, PeerInfo>,
     by_name: BTreeMap<String, PeerId>,
     next_id: PeerId,
@@ -100,6 +106,7 @@ impl Core {
             local_names: locals.iter().map(|(l, n, _)| (*l, n.clone())).collect(),
             relay,
             control_port: None,
+            reorder: BTreeMap::new(),
             peers: BTreeMap::new(),
             by_name: BTreeMap::new(),
             next_id: 1,
@@ -146,6 +153,59 @@ impl Core {
                 .map(|b| u16::from_be_bytes([b[0], b[1]]))
         };
         port_at(0) == Some(port) || port_at(2) == Some(port)
+    }
+
+    /// Sets each peer's reorder hold from its paths: on while it is in redundant mode, for
+    /// about the one-way delay difference of its two paths plus their jitter (called from the
+    /// timer thread, not per packet).
+    pub fn refresh_reorder(&mut self) {
+        let Some(sel) = self.paths.as_ref() else {
+            return;
+        };
+        for id in self.peers.keys() {
+            let sp = sel.send_paths(id);
+            let hold = match (sp.active, sp.secondary) {
+                (Some(a), Some(b)) => match (sel.path_metrics(id, a), sel.path_metrics(id, b)) {
+                    (Some(ma), Some(mb)) => {
+                        let (ra, rb) = (ma.srtt.unwrap_or_default(), mb.srtt.unwrap_or_default());
+                        let diff = if ra > rb { ra - rb } else { rb - ra };
+                        (diff / 2 + 2 * ma.jitter.max(mb.jitter) + Duration::from_millis(5))
+                            .min(MAX_REORDER_HOLD)
+                    }
+                    _ => Duration::ZERO,
+                },
+                _ => Duration::ZERO,
+            };
+            self.reorder.entry(*id).or_default().0 = hold;
+        }
+    }
+
+    /// Puts a decrypted data packet of `peer` through its reorder buffer.
+    pub fn reorder_push(
+        &mut self,
+        peer: PeerId,
+        session: u32,
+        counter: u64,
+        packet: &[u8],
+        now: Instant,
+    ) -> Verdict {
+        let (hold, buf) = self.reorder.entry(peer).or_default();
+        buf.push(session, counter, packet, *hold, now)
+    }
+
+    /// Packets whose wait in a reorder buffer is over, in order per peer.
+    pub fn reorder_expired(&mut self, now: Instant, out: &mut Vec<Vec<u8>>) {
+        for (_, buf) in self.reorder.values_mut() {
+            out.extend(buf.poll_expired(now));
+        }
+    }
+
+    /// The earliest reorder deadline.
+    pub fn reorder_deadline(&self) -> Option<Instant> {
+        self.reorder
+            .values()
+            .filter_map(|(_, b)| b.next_deadline())
+            .min()
     }
 
     /// A path for logs and status: `wlan0 -> 10.99.0.2:51820` or `relay n3`.
@@ -233,6 +293,7 @@ impl Core {
             return;
         };
         self.overlay.remove_peer(&id);
+        self.reorder.remove(&id);
         if let Some(sel) = self.paths.as_mut() {
             sel.remove_peer(&id);
         }

@@ -26,6 +26,7 @@ use mistnet_path::{Handled, PathId, wire};
 use tracing::{debug, info, trace, warn};
 
 use crate::core::{Core, Dest, PeerId};
+use crate::reorder::{self, Verdict};
 
 /// Socket buffer size asked for (as root, past rmem_max): tunnel loss under load was the
 /// receiving socket's buffer overflowing (DESIGN.md §10).
@@ -45,6 +46,12 @@ pub type SockId = u8;
 
 /// A datagram to send after the core's lock is released.
 type Pending = (Dest, Vec<u8>);
+
+/// A packet to write to the TUN device: in a batch slot, or released from a reorder buffer.
+enum Write {
+    Slot(usize, usize),
+    Owned(Vec<u8>),
+}
 
 /// State shared by the threads.
 pub struct Shared {
@@ -331,7 +338,7 @@ fn udp_loop(sh: &Shared, id: SockId) {
     };
     let mut batch = RecvBatch::new();
     let mut out = vec![0u8; BATCH * SLOT];
-    let mut writes: Vec<(usize, usize)> = Vec::with_capacity(BATCH);
+    let mut writes: Vec<Write> = Vec::with_capacity(BATCH);
     let mut pending: Vec<Pending> = Vec::new();
     let mut scratch = Vec::with_capacity(SLOT);
     while !sh.stopping.load(Ordering::Relaxed) {
@@ -363,10 +370,11 @@ fn udp_loop(sh: &Shared, id: SockId) {
                     if let Some(w) =
                         handle_path_message(&mut core, path, datagram, slot, now, &mut pending)
                     {
-                        writes.push((i * SLOT + (w.0 - base), w.1));
+                        writes.push(Write::Slot(i * SLOT + (w.0 - base), w.1));
                     }
                     continue;
                 }
+                let counter = reorder::data_counter(datagram);
                 let (peer, packet, data) =
                     match core.overlay.handle_datagram(path, datagram, slot, now) {
                         Decap::Tunnel { peer, packet } => {
@@ -378,7 +386,24 @@ fn udp_loop(sh: &Shared, id: SockId) {
                         Decap::Foreign | Decap::Dropped(_) => continue,
                     };
                 if let Some((ptr, len)) = packet {
-                    writes.push((i * SLOT + (ptr - base), len));
+                    let offset = i * SLOT + (ptr - base);
+                    match counter {
+                        Some((session, ctr)) => match core.reorder_push(
+                            peer,
+                            session,
+                            ctr,
+                            &out[offset..offset + len],
+                            now,
+                        ) {
+                            Verdict::Deliver { then } => {
+                                writes.push(Write::Slot(offset, len));
+                                writes.extend(then.into_iter().map(Write::Owned));
+                            }
+                            Verdict::Held => {}
+                            Verdict::Flush(all) => writes.extend(all.into_iter().map(Write::Owned)),
+                        },
+                        None => writes.push(Write::Slot(offset, len)),
+                    }
                 }
                 if let Some(sel) = core.paths.as_mut() {
                     let path = PathId::direct(id, src);
@@ -392,8 +417,12 @@ fn udp_loop(sh: &Shared, id: SockId) {
             drain_transmits(&mut core, &mut pending, true);
             core.my_id()
         };
-        for (offset, len) in writes.drain(..) {
-            if let Err(e) = sh.tun.send(&out[offset..offset + len]) {
+        for w in writes.drain(..) {
+            let packet = match &w {
+                Write::Slot(offset, len) => &out[*offset..*offset + *len],
+                Write::Owned(p) => p.as_slice(),
+            };
+            if let Err(e) = sh.tun.send(packet) {
                 trace!(error = %e, "TUN write failed");
             }
         }
@@ -457,6 +486,7 @@ fn handle_path_message(
 
 fn timer_loop(sh: &Shared) {
     let mut pending: Vec<Pending> = Vec::new();
+    let mut released: Vec<Vec<u8>> = Vec::new();
     let mut scratch = Vec::with_capacity(SLOT);
     while !sh.stopping.load(Ordering::Relaxed) {
         let (wake, my_id) = {
@@ -468,14 +498,25 @@ fn timer_loop(sh: &Shared) {
             }
             drain_transmits(&mut core, &mut pending, false);
             log_events(sh, &mut core);
+            core.refresh_reorder();
+            core.reorder_expired(now, &mut released);
             let overlay = core.overlay.poll_timeout().map(|(t, _)| t);
             let paths = core
                 .paths
                 .as_ref()
                 .and_then(|s| s.poll_timeout())
                 .map(|(t, _)| t);
-            (overlay.into_iter().chain(paths).min(), core.my_id())
+            let reorder = core.reorder_deadline();
+            (
+                overlay.into_iter().chain(paths).chain(reorder).min(),
+                core.my_id(),
+            )
         };
+        for p in released.drain(..) {
+            if let Err(e) = sh.tun.send(&p) {
+                trace!(error = %e, "TUN write failed");
+            }
+        }
         sh.send_pending(&mut pending, &my_id, &mut scratch);
         let sleep = wake
             .map(|t| t.saturating_duration_since(Instant::now()))

@@ -14,6 +14,7 @@ mod dataplane;
 mod keys;
 mod metrics;
 mod peers;
+mod reorder;
 
 use std::collections::BTreeSet;
 use std::io::Write;
