@@ -20,9 +20,6 @@ use crate::config::PeerConf;
 use crate::dataplane::SockId;
 use crate::reorder::{Reorder, Verdict};
 
-/// Longest a packet waits for a gap before it in the reorder buffer.
-const MAX_REORDER_HOLD: Duration = Duration::from_millis(100);
-
 /// Where one copy of a datagram goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dest {
@@ -155,28 +152,26 @@ impl Core {
         port_at(0) == Some(port) || port_at(2) == Some(port)
     }
 
-    /// Sets each peer's reorder hold from its paths: on while it is in redundant mode, for
-    /// about the one-way delay difference of its two paths plus their jitter (called from the
-    /// timer thread, not per packet).
+    /// Sets each peer's reorder limit from its paths: while it is in redundant mode, three
+    /// smoothed RTTs of the active (fast) path, about what TCP needs to detect and repair a
+    /// loss by itself (RACK's reordering window, the retransmission's round trip, and the
+    /// window it then loses). Called from the timer thread, not per packet.
     pub fn refresh_reorder(&mut self) {
         let Some(sel) = self.paths.as_ref() else {
             return;
         };
         for id in self.peers.keys() {
             let sp = sel.send_paths(id);
-            let hold = match (sp.active, sp.secondary) {
-                (Some(a), Some(b)) => match (sel.path_metrics(id, a), sel.path_metrics(id, b)) {
-                    (Some(ma), Some(mb)) => {
-                        let (ra, rb) = (ma.srtt.unwrap_or_default(), mb.srtt.unwrap_or_default());
-                        let diff = if ra > rb { ra - rb } else { rb - ra };
-                        (diff / 2 + 2 * ma.jitter.max(mb.jitter) + Duration::from_millis(5))
-                            .min(MAX_REORDER_HOLD)
-                    }
-                    _ => Duration::ZERO,
-                },
+            let limit = match (sp.active, sp.secondary) {
+                (Some(active), Some(_)) => sel
+                    .path_metrics(id, active)
+                    .and_then(|m| m.srtt)
+                    .map_or(Duration::ZERO, |rtt| {
+                        (3 * rtt).clamp(Duration::from_millis(10), crate::reorder::MAX_HOLD)
+                    }),
                 _ => Duration::ZERO,
             };
-            self.reorder.entry(*id).or_default().0 = hold;
+            self.reorder.entry(*id).or_default().0 = limit;
         }
     }
 

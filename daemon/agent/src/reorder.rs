@@ -6,17 +6,40 @@
 //! spuriously and shrinks its window, although nothing was lost. The buffer restores the
 //! sender's order using WireGuard's own per-session counter (every data message carries it,
 //! in order of sending): a packet that arrives after a gap is held until the gap is filled or
-//! for at most `hold` (about the two paths' delay difference), then released in counter order.
-//! A gap that never fills (lost on both paths) costs at most `hold` of extra delay.
+//! for at most the hold time, then released in counter order.
+//!
+//! The buffer judges itself, so it never makes things worse:
+//! - Waiting pays only while it is shorter than what TCP would need to repair the gap itself:
+//!   a few round trips of the fast path. That is the caller's `limit`; a copy arriving later
+//!   than it is "too late".
+//! - The hold follows how late the copies that fill gaps actually are (twice their smoothed
+//!   lateness plus 2 ms, at least 5 ms), never more than `limit`.
+//! - Holding stops while most missing packets do not turn up in time: then gaps are real
+//!   losses, or the slow path is too slow or too small to carry the copies in time (less
+//!   capacity than the fast path: it queues and drops them), and waiting would only delay the
+//!   packets behind the gaps. Late packets keep being measured while it is off, so holding
+//!   resumes when copies come in time again.
 //!
 //! Pure logic: time comes in as `now`; the shell writes what [`Reorder::push`] and
 //! [`Reorder::poll_expired`] return to the TUN device.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
+/// Longest a packet is ever held.
+pub const MAX_HOLD: Duration = Duration::from_millis(100);
+/// Shortest hold (scheduling noise of the receive path).
+const MIN_HOLD: Duration = Duration::from_millis(5);
 /// Most packets held per peer; past this the oldest gap is given up.
 const MAX_HELD: usize = 256;
+/// Missing packets counted before the buffer judges whether holding pays off.
+const MIN_EVIDENCE: f64 = 20.0;
+/// Share of missing packets that must turn up in time for holding to pay off.
+const WORTH_HOLDING: f64 = 0.75;
+/// Evidence is halved past this, so the judgement follows changing links.
+const EVIDENCE_WINDOW: f64 = 400.0;
+/// Gaps passed over that late packets are matched against.
+const SKIPPED_GAPS: usize = 32;
 
 /// One peer's buffer.
 #[derive(Debug, Default)]
@@ -27,6 +50,18 @@ pub struct Reorder {
     next: u64,
     /// Packets that arrived ahead of a gap: counter → (deadline, bytes).
     held: BTreeMap<u64, (Instant, Vec<u8>)>,
+    /// When the oldest held gap opened.
+    gap_opened: Option<Instant>,
+    /// Packets found missing (gaps filled or given up), decayed.
+    missing: f64,
+    /// Of those, packets that turned up in time, decayed.
+    recovered: f64,
+    /// The latest `limit` given: what "in time" means.
+    limit: Duration,
+    /// Smoothed lateness of the packets that filled gaps.
+    lateness: Option<Duration>,
+    /// Recent gaps passed over: counters `from..to`, opened at.
+    skipped: VecDeque<(u64, u64, Instant)>,
 }
 
 /// What to do with a packet just decrypted.
@@ -41,21 +76,25 @@ pub enum Verdict {
 }
 
 impl Reorder {
-    /// Takes a decrypted packet with its WireGuard session and counter. `hold` is how long a
-    /// packet may wait for a gap before it (zero: the buffer is off and only drains).
+    /// Takes a decrypted packet with its WireGuard session and counter. `limit` is the
+    /// longest a packet may wait: what TCP would need to repair a gap by itself, a few round
+    /// trips of the fast path (zero: the peer sends on one path and the buffer only drains).
     pub fn push(
         &mut self,
         session: u32,
         counter: u64,
         packet: &[u8],
-        hold: Duration,
+        limit: Duration,
         now: Instant,
     ) -> Verdict {
+        self.limit = limit.min(MAX_HOLD);
         if self.session != Some(session) {
             // A new session starts its counters at 0; what is held belongs to the old one
             // and goes out first.
             self.session = Some(session);
             self.next = counter + 1;
+            self.skipped.clear();
+            self.gap_opened = None;
             if self.held.is_empty() {
                 return Verdict::Deliver { then: Vec::new() };
             }
@@ -67,30 +106,58 @@ impl Reorder {
             return Verdict::Flush(all);
         }
         if counter < self.next {
-            // A late copy filling a gap already given up, or an old packet: deliver as is.
+            // A late packet of a gap given up (WireGuard dropped any duplicate): deliver as
+            // is, and learn from it whether waiting would have paid off.
+            let opened = self
+                .skipped
+                .iter()
+                .find(|(from, to, _)| (*from..*to).contains(&counter))
+                .map(|(_, _, at)| *at);
+            if let Some(at) = opened {
+                self.note_late(now.saturating_duration_since(at));
+            }
             return Verdict::Deliver { then: Vec::new() };
         }
         if counter == self.next {
+            if !self.held.is_empty() {
+                // It fills the gap held for.
+                self.note_missing(1);
+                if let Some(at) = self.gap_opened {
+                    self.note_late(now.saturating_duration_since(at));
+                }
+            }
             self.next += 1;
             return Verdict::Deliver {
-                then: self.release_ready(),
+                then: self.release_ready(now),
             };
         }
         // A gap before this packet.
+        let hold = self.hold();
         if hold.is_zero() || self.held.len() >= MAX_HELD {
-            // Off (or full): give the gap up; what is held goes out in counter order, this
-            // packet among it.
             if self.held.is_empty() {
+                self.pass_over(self.next, counter, now);
                 self.next = counter + 1;
                 return Verdict::Deliver { then: Vec::new() };
             }
+            // Give the held gaps up: everything goes out in counter order, this packet too.
             self.held.insert(counter, (now, packet.to_vec()));
             let all: Vec<(u64, Vec<u8>)> = std::mem::take(&mut self.held)
                 .into_iter()
                 .map(|(c, (_, p))| (c, p))
                 .collect();
-            self.next = all.last().map_or(counter, |(c, _)| *c) + 1;
+            let mut expected = self.next;
+            for (c, _) in &all {
+                if *c > expected {
+                    self.pass_over(expected, *c, now);
+                }
+                expected = c + 1;
+            }
+            self.next = expected;
+            self.gap_opened = None;
             return Verdict::Flush(all.into_iter().map(|(_, p)| p).collect());
+        }
+        if self.held.is_empty() {
+            self.gap_opened = Some(now);
         }
         self.held
             .entry(counter)
@@ -98,7 +165,8 @@ impl Reorder {
         Verdict::Held
     }
 
-    /// Releases packets whose wait is over (skipping the gaps before them), in counter order.
+    /// Releases packets whose wait is over (passing over the gaps before them), in counter
+    /// order.
     pub fn poll_expired(&mut self, now: Instant) -> Vec<Vec<u8>> {
         let Some((&first, (deadline, _))) = self.held.iter().next() else {
             return Vec::new();
@@ -106,13 +174,20 @@ impl Reorder {
         if *deadline > now {
             return Vec::new();
         }
+        let opened = self.gap_opened.unwrap_or(now);
+        self.pass_over(self.next, first, opened);
         self.next = first;
-        self.release_ready()
+        self.release_ready(now)
     }
 
     /// The earliest deadline of a held packet.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.held.values().map(|(d, _)| *d).min()
+    }
+
+    /// Whether holding has paid off lately: most missing packets turned up in time.
+    pub fn worth_holding(&self) -> bool {
+        self.missing < MIN_EVIDENCE || self.recovered >= WORTH_HOLDING * self.missing
     }
 
     /// Packets held right now.
@@ -121,12 +196,57 @@ impl Reorder {
         self.held.len()
     }
 
-    fn release_ready(&mut self) -> Vec<Vec<u8>> {
+    /// The hold for a new gap: zero when off or not worth it.
+    fn hold(&self) -> Duration {
+        if self.limit.is_zero() || !self.worth_holding() {
+            return Duration::ZERO;
+        }
+        self.lateness
+            .map_or(self.limit, |l| 2 * l + Duration::from_millis(2))
+            .max(MIN_HOLD)
+            .min(self.limit)
+    }
+
+    /// Counters `from..to` are given up (as of `at`, when the gap opened).
+    fn pass_over(&mut self, from: u64, to: u64, at: Instant) {
+        if to <= from {
+            return;
+        }
+        self.note_missing(to - from);
+        if self.skipped.len() == SKIPPED_GAPS {
+            self.skipped.pop_front();
+        }
+        self.skipped.push_back((from, to, at));
+    }
+
+    fn note_missing(&mut self, n: u64) {
+        self.missing += n as f64;
+        if self.missing > EVIDENCE_WINDOW {
+            self.missing /= 2.0;
+            self.recovered /= 2.0;
+        }
+    }
+
+    /// A missing packet turned up `late` after its gap opened.
+    fn note_late(&mut self, late: Duration) {
+        if late > self.limit.max(MIN_HOLD) {
+            return;
+        }
+        self.recovered += 1.0;
+        self.lateness = Some(match self.lateness {
+            None => late,
+            Some(l) => (l * 7 + late) / 8,
+        });
+    }
+
+    fn release_ready(&mut self, now: Instant) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
         while let Some((_, p)) = self.held.remove(&self.next) {
             out.push(p);
             self.next += 1;
         }
+        // What is still held waits for a younger gap.
+        self.gap_opened = (!self.held.is_empty()).then_some(now);
         out
     }
 }
@@ -208,6 +328,56 @@ mod tests {
             Verdict::Flush(vec![vec![14], vec![0]])
         );
         assert_eq!(r.push(2, 1, &[1], HOLD, now), deliver(&[]));
+    }
+
+    #[test]
+    fn holding_stops_when_gaps_are_real_losses_and_resumes_when_copies_come() {
+        let (mut r, mut now) = (Reorder::default(), Instant::now());
+        let mut c = 0;
+        r.push(1, c, &[], HOLD, now);
+        // Gaps that never fill (the slow path drops the copies too): each costs a hold.
+        for _ in 0..30 {
+            c += 2;
+            if r.push(1, c, &[], HOLD, now) == Verdict::Held {
+                now += HOLD;
+                assert_eq!(r.poll_expired(now).len(), 1);
+            }
+        }
+        assert!(!r.worth_holding(), "no gap ever filled");
+        c += 2;
+        assert_eq!(
+            r.push(1, c, &[], HOLD, now),
+            deliver(&[]),
+            "passed straight on"
+        );
+        // Copies start arriving late again: holding becomes worth it once they outweigh the
+        // old evidence.
+        for _ in 0..200 {
+            r.push(1, c - 1, &[], HOLD, now + Duration::from_millis(5));
+            c += 2;
+            r.push(1, c, &[], HOLD, now);
+        }
+        assert!(r.worth_holding());
+        assert_eq!(r.push(1, c + 2, &[], HOLD, now), Verdict::Held);
+    }
+
+    #[test]
+    fn copies_later_than_the_hold_do_not_count_as_worth_waiting_for() {
+        let (mut r, mut now) = (Reorder::default(), Instant::now());
+        let mut c = 0;
+        r.push(1, c, &[], HOLD, now);
+        for _ in 0..100 {
+            c += 2;
+            if r.push(1, c, &[], HOLD, now) == Verdict::Held {
+                now += HOLD;
+                r.poll_expired(now);
+            }
+            // The copy of the missing packet comes, but later than any hold (a queued slow
+            // path).
+            now += MAX_HOLD + HOLD;
+            r.push(1, c - 1, &[], HOLD, now);
+        }
+        assert!(!r.worth_holding());
     }
 
     #[test]

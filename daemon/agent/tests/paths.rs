@@ -254,6 +254,51 @@ fn nodes_behind_nat_reach_each_other_and_punch_a_direct_path() {
     assert!(lab.ping("n2-p1", &p3, 2).unwrap(), "{}", lab.logs());
 }
 
+const SYMMETRIC_NAT: &str = r#"
+[networks.wlan0]
+subnet = "10.99.0.0/24"
+default = "delay=2ms"
+[nodes.n2]
+nat = "symmetric"
+[nodes.n3]
+nat = "symmetric"
+"#;
+
+#[test]
+fn nodes_behind_symmetric_nats_fall_back_to_a_relay() {
+    let lab = up("psym", 3, SYMMETRIC_NAT);
+    let (p2, p3) = (
+        pod_ip(&lab, "n2-p1").to_string(),
+        pod_ip(&lab, "n3-p1").to_string(),
+    );
+    // Symmetric NATs (a new random port per destination) defeat hole punching: the port n1
+    // observes for n2 is not the one n2 uses towards n3. The public node relays.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lab.ping("n2-p1", &p3, 1).unwrap() {
+        assert!(
+            Instant::now() < deadline,
+            "n2 -> n3, both behind symmetric NATs\n{}",
+            lab.logs()
+        );
+    }
+    assert!(
+        lab.ping("n3-p1", &p2, 2).unwrap(),
+        "n3 -> n2\n{}",
+        lab.logs()
+    );
+    let st = wait_active(&lab, "n2", "n3", |a| a == "relay n1", 10);
+    assert_eq!(
+        peer(&st, "n3")["paths"]["active"],
+        "relay n1",
+        "relayed through the public node: {st:#}"
+    );
+    let relayed = lab.daemon_status("n1").unwrap()["pathStats"]["relay_forwarded"]
+        .as_u64()
+        .unwrap();
+    assert!(relayed > 0, "n1 forwarded for them");
+    assert!(lab.ping("n2-p1", &p3, 2).unwrap(), "{}", lab.logs());
+}
+
 // --- helpers ---
 
 fn root_spec(name: &str, nodes: usize, pods: usize) -> LabSpec {
