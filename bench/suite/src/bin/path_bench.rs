@@ -98,7 +98,6 @@ fn main() -> Result<()> {
         ("clean links (mistnet)".to_owned(), clean),
         ("20 % burst loss, redundancy auto".to_owned(), auto),
     ];
-    let equal_clean = clean;
 
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -133,27 +132,20 @@ fn main() -> Result<()> {
         )?;
     }
     writeln!(out)?;
-    let clean = goodput.first().map_or(1.0, |r| r.1);
-    writeln!(
-        out,
-        "TCP goodput pod → pod, {} s, wlan0 20 % burst loss (ge=5%,20%,0%,100%), lte0 clean",
-        args.seconds
+    goodput_table(
+        &mut out,
+        &format!(
+            "TCP goodput pod → pod, {} s, wlan0 20 % burst loss (ge=5%,20%,0%,100%), lte0 clean",
+            args.seconds
+        ),
+        &goodput,
     )?;
-    writeln!(out, "| variant | goodput | vs clean |")?;
-    writeln!(out, "|---|---|---|")?;
-    for (n, m) in &goodput {
-        writeln!(out, "| {n} | {m:.1} Mbit/s | {:.2}× |", m / clean)?;
-    }
     writeln!(out)?;
-    writeln!(
-        out,
-        "the same with lte0 as fast as wlan0 (40 Mbit/s) but 3× its delay (15 ms)"
+    goodput_table(
+        &mut out,
+        "the same with lte0 as fast as wlan0 (40 Mbit/s) but 3× its delay (15 ms)",
+        &equal,
     )?;
-    writeln!(out, "| variant | goodput | vs clean |")?;
-    writeln!(out, "|---|---|---|")?;
-    for (n, m) in &equal {
-        writeln!(out, "| {n} | {m:.1} Mbit/s | {:.2}× |", m / equal_clean)?;
-    }
     writeln!(out)?;
     writeln!(
         out,
@@ -258,6 +250,18 @@ fn goodput_rows(lab: &mut Lab, secs: u32) -> Result<Vec<(String, f64)>> {
         tcp(lab, secs)?,
     ));
     Ok(rows)
+}
+
+/// A markdown table of goodput rows, each as a ratio to the first (the clean link).
+fn goodput_table(out: &mut impl Write, title: &str, rows: &[(String, f64)]) -> Result<()> {
+    let clean = rows.first().map_or(1.0, |r| r.1);
+    writeln!(out, "{title}")?;
+    writeln!(out, "| variant | goodput | vs clean |")?;
+    writeln!(out, "|---|---|---|")?;
+    for (n, m) in rows {
+        writeln!(out, "| {n} | {m:.1} Mbit/s | {:.2}× |", m / clean)?;
+    }
+    Ok(())
 }
 
 fn tcp(lab: &Lab, secs: u32) -> Result<f64> {
