@@ -55,21 +55,16 @@ pub fn serve(
                 let Ok(mut conn) = conn else { continue };
                 let request = read_request(&mut conn);
                 let words: Vec<&str> = request.split_whitespace().collect();
+                let snapshot = || {
+                    let facts = facts
+                        .read()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .clone();
+                    status(&shared, &facts)
+                };
                 let reply = match words.as_slice() {
-                    [] | ["status"] => {
-                        let facts = facts
-                            .read()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .clone();
-                        status(&shared, &facts).to_string()
-                    }
-                    ["metrics"] => {
-                        let facts = facts
-                            .read()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .clone();
-                        crate::metrics::render(&status(&shared, &facts))
-                    }
+                    [] | ["status"] => snapshot().to_string(),
+                    ["metrics"] => crate::metrics::render(&snapshot()),
                     ["delete-link", index, name] => delete_link(&deleter, index, name),
                     _ => "error unknown request\n".to_owned(),
                 };
