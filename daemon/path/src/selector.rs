@@ -1040,11 +1040,7 @@ fn switch<P, L>(
     }
     clear_challenger(peer);
     let from = std::mem::replace(&mut peer.active, to.clone());
-    for p in [&from, &to].into_iter().flatten() {
-        if let Some(e) = peer.paths.get_mut(p) {
-            e.resched = true;
-        }
-    }
+    reschedule(peer, [&from, &to]);
     peer.reason = Some(reason);
     peer.changed_at = Some(now);
     ctx.stats.switches += 1;
@@ -1138,6 +1134,19 @@ where
     }
 }
 
+/// Paths whose role changed get their probe schedule recomputed (in-use paths probe faster).
+fn reschedule<P, L>(peer: &mut Peer<P, L>, paths: [&Option<PathId<P, L>>; 2])
+where
+    P: Ord + Clone + Debug,
+    L: Ord + Copy + Debug,
+{
+    for p in paths.into_iter().flatten() {
+        if let Some(e) = peer.paths.get_mut(p) {
+            e.resched = true;
+        }
+    }
+}
+
 fn set_secondary<P, L>(
     ctx: &mut Ctx<P, L>,
     id: &P,
@@ -1152,11 +1161,7 @@ fn set_secondary<P, L>(
         return;
     }
     let from = std::mem::replace(&mut peer.secondary, to.clone());
-    for p in [&from, &to].into_iter().flatten() {
-        if let Some(e) = peer.paths.get_mut(p) {
-            e.resched = true;
-        }
-    }
+    reschedule(peer, [&from, &to]);
     ctx.stats.redundancy_changes += 1;
     match (&from, &to) {
         (None, Some(_)) => {

@@ -499,34 +499,14 @@ mod tests {
 
     #[test]
     fn flipped_bit_fails_mac() {
-        let mut out = Vec::new();
-        encode_ping(
-            &ID,
-            &Ping {
-                seq: 1,
-                timestamp_us: 2,
-                tag: 3,
-            },
-            &K,
-            &mut out,
-        );
+        let mut out = sample_ping();
         out[12] ^= 1;
         assert!(!decode_probe(&out).unwrap().verify(&K));
     }
 
     #[test]
     fn truncation_and_garbage_are_errors() {
-        let mut out = Vec::new();
-        encode_ping(
-            &ID,
-            &Ping {
-                seq: 1,
-                timestamp_us: 2,
-                tag: 3,
-            },
-            &K,
-            &mut out,
-        );
+        let mut out = sample_ping();
         for n in 0..out.len() {
             assert!(decode_probe(&out[..n]).is_err(), "len {n}");
         }
@@ -553,5 +533,16 @@ mod tests {
         assert!(v.verify(&K));
         assert!(parse_relay_to(&out).is_err());
         assert!(parse_relay_from(&out[..RELAY_OVERHEAD]).is_err());
+    }
+
+    fn sample_ping() -> Vec<u8> {
+        let mut out = Vec::new();
+        let ping = Ping {
+            seq: 1,
+            timestamp_us: 2,
+            tag: 3,
+        };
+        encode_ping(&ID, &ping, &K, &mut out);
+        out
     }
 }

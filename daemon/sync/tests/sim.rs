@@ -23,6 +23,14 @@ fn assert_converged(sim: &Sim) {
     assert!(maps.windows(2).all(|w| w[0] == w[1]), "replicas differ");
 }
 
+/// A full mesh of `n` replicas on the default simulated network, run until converged.
+fn converged_mesh(n: u32, config: Config, t0: Instant) -> Sim {
+    let mut sim = Sim::new(n, Topology::FullMesh, config, NetConfig::default(), t0);
+    sim.run_until(t0 + secs(60), Duration::from_millis(200), |s| s.converged())
+        .expect("initial convergence");
+    sim
+}
+
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }
@@ -75,15 +83,7 @@ fn thousand_nodes_converge() {
 #[test]
 fn partition_heals_and_converges() {
     let t0 = Instant::now();
-    let mut sim = Sim::new(
-        60,
-        Topology::FullMesh,
-        Config::default(),
-        NetConfig::default(),
-        t0,
-    );
-    sim.run_until(t0 + secs(60), Duration::from_millis(200), |s| s.converged())
-        .expect("initial");
+    let mut sim = converged_mesh(60, Config::default(), t0);
     sim.partition(|i| u8::from(i >= 30));
     for i in [1u32, 2, 40, 41] {
         sim.with(i, |r, now| {
@@ -118,15 +118,7 @@ fn partition_heals_and_converges() {
 #[test]
 fn tombstone_during_partition_is_not_resurrected() {
     let t0 = Instant::now();
-    let mut sim = Sim::new(
-        40,
-        Topology::FullMesh,
-        authority_config(),
-        NetConfig::default(),
-        t0,
-    );
-    sim.run_until(t0 + secs(60), Duration::from_millis(200), |s| s.converged())
-        .expect("initial");
+    let mut sim = converged_mesh(40, authority_config(), t0);
     // Node 39 dies; the other side (20..39) still has its live record.
     let victim = sim.nodes[39].sut.identity();
     sim.nodes[39].up = false;
@@ -151,15 +143,7 @@ fn tombstone_during_partition_is_not_resurrected() {
 #[test]
 fn restart_from_persisted_state_converges() {
     let t0 = Instant::now();
-    let mut sim = Sim::new(
-        30,
-        Topology::FullMesh,
-        Config::default(),
-        NetConfig::default(),
-        t0,
-    );
-    sim.run_until(t0 + secs(60), Duration::from_millis(200), |s| s.converged())
-        .expect("initial");
+    let mut sim = converged_mesh(30, Config::default(), t0);
     for _ in 0..3 {
         sim.with(7, |r, now| {
             r.update_own(|rec| rec.zone.push('x'), now).unwrap()
@@ -196,15 +180,7 @@ fn restart_from_persisted_state_converges() {
 #[test]
 fn new_node_with_one_seed_learns_the_cluster() {
     let t0 = Instant::now();
-    let mut sim = Sim::new(
-        50,
-        Topology::FullMesh,
-        Config::default(),
-        NetConfig::default(),
-        t0,
-    );
-    sim.run_until(t0 + secs(60), Duration::from_millis(200), |s| s.converged())
-        .expect("initial");
+    let mut sim = converged_mesh(50, Config::default(), t0);
     sim.run_for(secs(60)); // back off to the steady state
     let joined = sim.now;
     let n = sim.add_node(sample_record(50), &[3]);
@@ -223,15 +199,7 @@ fn new_node_with_one_seed_learns_the_cluster() {
 #[test]
 fn steady_state_traffic_is_tiny() {
     let t0 = Instant::now();
-    let mut sim = Sim::new(
-        40,
-        Topology::FullMesh,
-        Config::default(),
-        NetConfig::default(),
-        t0,
-    );
-    sim.run_until(t0 + secs(60), Duration::from_millis(200), |s| s.converged())
-        .expect("initial");
+    let mut sim = converged_mesh(40, Config::default(), t0);
     sim.run_for(secs(60));
     let before = sim.bytes;
     sim.run_for(secs(300));
