@@ -176,6 +176,7 @@ pub fn spawn_deleter(overlay_interface: String) -> Result<std::sync::mpsc::Sende
 /// The status document.
 pub fn status(shared: &Shared, facts: &NodeFacts) -> Value {
     let core = shared.core();
+    let now = std::time::Instant::now();
     let stats = core.overlay.stats();
     let port_of = |local: u8| facts.config.listen_ports.get(usize::from(local)).copied();
     let peers: Vec<Value> = core
@@ -230,10 +231,15 @@ pub fn status(shared: &Shared, facts: &NodeFacts) -> Value {
                 "spoofedDrops": s.spoofed,
                 "up": s.up,
                 "paths": paths,
+                "repair": core.repair_status(id, now).map(|(mode, r)| json!({
+                    "mode": mode, "nacks": r.nacks, "resent": r.resent, "missed": r.missed,
+                    "repairEntered": r.repair_entered,
+                })),
             }))
         })
         .collect();
     let path_stats = core.paths.as_ref().map(|sel| sel.stats());
+    let nacks_sent = core.nacks_sent();
     drop(core);
     let sync = crate::lock(&shared.sync_status).clone();
     json!({
@@ -255,6 +261,7 @@ pub fn status(shared: &Shared, facts: &NodeFacts) -> Value {
             "podVethsDeleted": VETHS_DELETED.load(std::sync::atomic::Ordering::Relaxed), "spoofed": stats.spoofed, "cryptoErrors": stats.crypto_errors,
         },
         "pathStats": path_stats,
+        "nacksSent": nacks_sent,
         "peers": peers,
         "sync": sync,
     })

@@ -63,6 +63,9 @@ pub struct PathsConf {
     pub redundancy: Redundancy,
     /// Use other nodes as relays when no direct path works, and serve as one.
     pub relay: bool,
+    /// In redundant mode, resend only the lost messages on the second path when the receiver
+    /// reports that full copies arrive too late (a second path of less capacity).
+    pub repair: bool,
     /// The selector preset the settings below adjust.
     pub preset: PathPreset,
     /// Probe interval of the active path while traffic flows (ms).
@@ -198,6 +201,9 @@ struct RawPaths {
     /// Relays allowed (default).
     #[serde(default = "yes")]
     relay: bool,
+    /// Selective repair in redundant mode (default on).
+    #[serde(default = "yes")]
+    repair: bool,
     #[serde(default)]
     preset: Option<String>,
     #[serde(default)]
@@ -220,6 +226,7 @@ impl Default for RawPaths {
             enabled: true,
             redundancy: None,
             relay: true,
+            repair: true,
             preset: None,
             active_probe_ms: None,
             standby_probe_ms: None,
@@ -456,6 +463,7 @@ impl Config {
                 enabled: raw.paths.enabled,
                 redundancy,
                 relay: raw.paths.relay,
+                repair: raw.paths.repair,
                 preset,
                 active_probe_ms: raw.paths.active_probe_ms,
                 standby_probe_ms: raw.paths.standby_probe_ms,

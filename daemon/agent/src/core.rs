@@ -13,12 +13,14 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use mistnet_overlay::{Node, Path, PeerConfig};
+use mistnet_path::wire::{self, Nack};
 use mistnet_path::{LocalInfo, PathId, PeerKeys, Selector, Via};
 use tracing::debug;
 
 use crate::config::PeerConf;
 use crate::dataplane::SockId;
 use crate::reorder::{Reorder, Verdict};
+use crate::repair::{Mode as RepairMode, Repair, RepairStats};
 
 /// Where one copy of a datagram goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +63,14 @@ pub struct Core {
     control_port: Option<u16>,
     /// Per peer: how long the reorder buffer holds (zero: off) and the buffer.
     reorder: BTreeMap<PeerId, (Duration, Reorder)>,
+    /// Selective repair on (`[paths] repair`).
+    repair_enabled: bool,
+    /// Per peer: the sending side of selective repair ([`crate::repair`]).
+    repair: BTreeMap<PeerId, Repair>,
+    /// Peers whose reorder buffer saw gaps since the last [`Core::poll_nacks`].
+    nack_due: Vec<PeerId>,
+    /// Nacks sent, for metrics.
+    nacks_sent: u64,
     peers: BTreeMap<PeerId, PeerInfo>,
     by_name: BTreeMap<String, PeerId>,
     next_id: PeerId,
@@ -104,6 +114,10 @@ impl Core {
             relay,
             control_port: None,
             reorder: BTreeMap::new(),
+            repair_enabled: true,
+            repair: BTreeMap::new(),
+            nack_due: Vec::new(),
+            nacks_sent: 0,
             peers: BTreeMap::new(),
             by_name: BTreeMap::new(),
             next_id: 1,
@@ -155,24 +169,130 @@ impl Core {
     /// Sets each peer's reorder limit from its paths: while it is in redundant mode, three
     /// smoothed RTTs of the active (fast) path, about what TCP needs to detect and repair a
     /// loss by itself (RACK's reordering window, the retransmission's round trip, and the
-    /// window it then loses). Called from the timer thread, not per packet.
+    /// window it then loses); at least the two paths' RTTs added, the time a nack (on the
+    /// active path) and the resend it asks for (on the second) take ([`crate::repair`]).
+    /// Called from the timer thread, not per packet.
     pub fn refresh_reorder(&mut self) {
         let Some(sel) = self.paths.as_ref() else {
             return;
         };
         for id in self.peers.keys() {
             let sp = sel.send_paths(id);
+            let srtt = |p| sel.path_metrics(id, p).and_then(|m| m.srtt);
             let limit = match (sp.active, sp.secondary) {
-                (Some(active), Some(_)) => sel
-                    .path_metrics(id, active)
-                    .and_then(|m| m.srtt)
-                    .map_or(Duration::ZERO, |rtt| {
-                        (3 * rtt).clamp(Duration::from_millis(10), crate::reorder::MAX_HOLD)
-                    }),
+                (Some(active), Some(secondary)) => srtt(active).map_or(Duration::ZERO, |rtt| {
+                    let repair = srtt(secondary).map_or(Duration::ZERO, |s| rtt + s);
+                    (3 * rtt)
+                        .max(repair)
+                        .clamp(Duration::from_millis(10), crate::reorder::MAX_HOLD)
+                }),
                 _ => Duration::ZERO,
             };
             self.reorder.entry(*id).or_default().0 = limit;
+            if sp.secondary.is_none()
+                && let Some(r) = self.repair.get_mut(id)
+            {
+                r.reset();
+            }
         }
+    }
+
+    /// Turns selective repair on or off (`[paths] repair`).
+    pub fn set_repair(&mut self, on: bool) {
+        self.repair_enabled = on;
+    }
+
+    /// Where a data message for `peer` goes: [`Core::dests`], except that the copy on the
+    /// second path is left out while the peer's sending side repairs instead of copying; the
+    /// message is then kept for a nack ([`crate::repair`]).
+    pub fn data_dests(
+        &mut self,
+        peer: PeerId,
+        fallback: Option<Path<SockId>>,
+        datagram: &[u8],
+        now: Instant,
+    ) -> Dests {
+        let mut d = self.dests(peer, fallback);
+        if d.second.is_some() && self.repair_enabled {
+            let r = self.repair.entry(peer).or_default();
+            if !r.copying(now) {
+                d.second = None;
+                if let Some((session, counter)) = crate::reorder::data_counter(datagram) {
+                    r.record(session, counter, datagram, now);
+                }
+            }
+        }
+        d
+    }
+
+    /// Takes a nack from `peer`: resends (on the second path) what it asks for, when this
+    /// node's side repairs; may switch the side from copying to repairing.
+    pub fn handle_nack(
+        &mut self,
+        peer: PeerId,
+        nack: &Nack,
+        now: Instant,
+        out: &mut Vec<(Dest, Vec<u8>)>,
+    ) {
+        if !self.repair_enabled {
+            return;
+        }
+        let Some(second) = self.dests(peer, None).second else {
+            // Out of redundant mode here: no second path to repair on.
+            return;
+        };
+        let mut resend = Vec::new();
+        self.repair
+            .entry(peer)
+            .or_default()
+            .handle_nack(nack, now, &mut resend);
+        out.extend(resend.into_iter().map(|d| (second, d)));
+    }
+
+    /// Nacks for the gaps the reorder buffers saw since the last call, one per peer (more
+    /// past [`wire::MAX_NACK_RANGES`] gaps), on both of the peer's paths: the active one is
+    /// the fastest, the second one the surest.
+    pub fn poll_nacks(&mut self, out: &mut Vec<(Dest, Vec<u8>)>) {
+        for peer in std::mem::take(&mut self.nack_due) {
+            let Some((_, buf)) = self.reorder.get_mut(&peer) else {
+                continue;
+            };
+            let Some((session, ranges)) = buf.take_gaps() else {
+                continue;
+            };
+            let copies_late = !buf.worth_holding();
+            let Some(key) = self.peers.get(&peer).map(|p| p.keys.mac_key) else {
+                continue;
+            };
+            let d = self.dests(peer, None);
+            for chunk in ranges.chunks(wire::MAX_NACK_RANGES) {
+                let nack = Nack {
+                    session,
+                    copies_late,
+                    ranges: chunk.to_vec(),
+                };
+                let mut bytes = Vec::new();
+                wire::encode_nack(&self.my_id, &nack, &key, &mut bytes);
+                self.nacks_sent += 1;
+                if let Some(second) = d.second {
+                    out.push((second, bytes.clone()));
+                }
+                if let Some(first) = d.first {
+                    out.push((first, bytes));
+                }
+            }
+        }
+    }
+
+    /// A peer's selective repair: its mode and counters.
+    pub fn repair_status(&self, peer: PeerId, now: Instant) -> Option<(RepairMode, RepairStats)> {
+        let r = self.repair.get(&peer)?;
+        Some((r.peek_mode(now), r.stats()))
+    }
+
+    /// Nacks sent by this node.
+    pub fn nacks_sent(&self) -> u64 {
+        self.nacks_sent
     }
 
     /// Puts a decrypted data packet of `peer` through its reorder buffer.
@@ -185,7 +305,11 @@ impl Core {
         now: Instant,
     ) -> Verdict {
         let (hold, buf) = self.reorder.entry(peer).or_default();
-        buf.push(session, counter, packet, *hold, now)
+        let verdict = buf.push(session, counter, packet, *hold, now);
+        if !hold.is_zero() && self.repair_enabled && !self.nack_due.contains(&peer) {
+            self.nack_due.push(peer);
+        }
+        verdict
     }
 
     /// Packets whose wait in a reorder buffer is over, in order per peer.
@@ -289,6 +413,7 @@ impl Core {
         };
         self.overlay.remove_peer(&id);
         self.reorder.remove(&id);
+        self.repair.remove(&id);
         if let Some(sel) = self.paths.as_mut() {
             sel.remove_peer(&id);
         }

@@ -302,7 +302,7 @@ fn tun_loop(sh: &Shared) {
                     continue;
                 };
                 let offset = i * SLOT + (datagram.as_ptr() as usize - base);
-                let dests = core.dests(peer, Some(path));
+                let dests = core.data_dests(peer, Some(path), datagram, now);
                 for dest in [dests.first, dests.second].into_iter().flatten() {
                     match dest {
                         Dest::Direct(path) => sends.push(Out {
@@ -414,6 +414,7 @@ fn udp_loop(sh: &Shared, id: SockId) {
                     }
                 }
             }
+            core.poll_nacks(&mut pending);
             drain_transmits(&mut core, &mut pending, true);
             core.my_id()
         };
@@ -445,6 +446,10 @@ fn handle_path_message(
     let sel = core.paths.as_mut()?;
     match sel.handle_datagram(path.local, path.remote, datagram, now) {
         Ok(Handled::Consumed { .. }) => None,
+        Ok(Handled::Nack { peer, nack }) => {
+            core.handle_nack(peer, &nack, now, pending);
+            None
+        }
         Ok(Handled::Forward { to, path, datagram }) => {
             if let Some(dest) = core.resolve(to, &path) {
                 pending.push((dest, datagram));

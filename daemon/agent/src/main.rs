@@ -15,6 +15,7 @@ mod keys;
 mod metrics;
 mod peers;
 mod reorder;
+mod repair;
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -311,6 +312,7 @@ fn run(config_path: &Path) -> Result<()> {
         .collect();
     let mut core = core::Core::new(node, selector, private, locals, config.paths.relay);
     core.set_control_port(config.sync.enabled.then_some(config.sync.port));
+    core.set_repair(config.paths.repair);
     let shared = Arc::new(dataplane::Shared {
         core: Mutex::new(core),
         socks,

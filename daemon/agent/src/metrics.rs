@@ -92,7 +92,47 @@ fn render_paths(out: &mut String, status: &Value) {
             let _ = writeln!(out, "{name} {}", num(v));
         }
     }
+    header(
+        out,
+        "pathsel_nacks_sent_total",
+        "counter",
+        "Nacks sent: requests to resend data lost on the active path (redundant mode).",
+    );
+    let _ = writeln!(
+        out,
+        "pathsel_nacks_sent_total {}",
+        num(&status["nacksSent"])
+    );
     let peers = status["peers"].as_array().cloned().unwrap_or_default();
+    header(
+        out,
+        "pathsel_repairing",
+        "gauge",
+        "1 while only lost packets are resent on the second path instead of copying all.",
+    );
+    for p in &peers {
+        let on = p["repair"]["mode"].as_str() == Some("repair");
+        let _ = writeln!(
+            out,
+            "pathsel_repairing{{peer=\"{}\"}} {}",
+            label(&p["name"]),
+            u8::from(on)
+        );
+    }
+    header(
+        out,
+        "pathsel_repair_resent_total",
+        "counter",
+        "Data messages resent on the second path at the peer's request.",
+    );
+    for p in &peers {
+        let _ = writeln!(
+            out,
+            "pathsel_repair_resent_total{{peer=\"{}\"}} {}",
+            label(&p["name"]),
+            p["repair"]["resent"].as_u64().unwrap_or(0)
+        );
+    }
     header(
         out,
         "pathsel_redundant",
@@ -270,7 +310,8 @@ mod tests {
         let status = serde_json::json!({
             "stats": {"txPackets": 3, "rxPackets": 4},
             "pathStats": {"switches": 2},
-            "peers": [{"name": "n2", "paths": {"active": "wlan0 -> 10.99.0.2:51820", "mode": "redundant",
+            "nacksSent": 7,
+            "peers": [{"name": "n2", "repair": {"mode": "repair", "resent": 9}, "paths": {"active": "wlan0 -> 10.99.0.2:51820", "mode": "redundant",
                 "paths": [{"path": "wlan0 -> 10.99.0.2:51820", "state": "up", "srttMs": 12.0, "lossPct": 5.0}]}}],
             "sync": {"records": 3, "stats": {"tx_bytes": {"digest": 10}, "rejected": {"bad_signature": 1}},
                 "peers": [{"peer": "n2", "last_sync_ms_ago": 1500}]},
@@ -278,6 +319,15 @@ mod tests {
         let text = render(&status);
         assert!(text.contains("overlay_tx_packets_total 3\n"), "{text}");
         assert!(text.contains("pathsel_switches_total 2\n"), "{text}");
+        assert!(text.contains("pathsel_nacks_sent_total 7\n"), "{text}");
+        assert!(
+            text.contains("pathsel_repairing{peer=\"n2\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pathsel_repair_resent_total{peer=\"n2\"} 9\n"),
+            "{text}"
+        );
         assert!(
             text.contains("pathsel_redundant{peer=\"n2\"} 1\n"),
             "{text}"

@@ -40,6 +40,11 @@ const WORTH_HOLDING: f64 = 0.75;
 const EVIDENCE_WINDOW: f64 = 400.0;
 /// Gaps passed over that late packets are matched against.
 const SKIPPED_GAPS: usize = 32;
+/// Longest gap reported for resending: a longer one is an outage, not a burst, and what was
+/// sent in it is gone from the sender's log.
+const MAX_REPORTED_GAP: u64 = 1024;
+/// Gaps kept for one report at most (a nack carries 16; the rest go in further nacks).
+const MAX_GAPS: usize = 64;
 
 /// One peer's buffer.
 #[derive(Debug, Default)]
@@ -62,6 +67,11 @@ pub struct Reorder {
     lateness: Option<Duration>,
     /// Recent gaps passed over: counters `from..to`, opened at.
     skipped: VecDeque<(u64, u64, Instant)>,
+    /// The highest counter seen in the session.
+    highest: u64,
+    /// Gaps seen since the last [`Reorder::take_gaps`], as `first, len` (redundant mode only):
+    /// what the peer is asked to resend ([`crate::repair`]).
+    gaps: Vec<(u64, u16)>,
 }
 
 /// What to do with a packet just decrypted.
@@ -93,6 +103,8 @@ impl Reorder {
             // and goes out first.
             self.session = Some(session);
             self.next = counter + 1;
+            self.highest = counter;
+            self.gaps.clear();
             self.skipped.clear();
             self.gap_opened = None;
             if self.held.is_empty() {
@@ -104,6 +116,12 @@ impl Reorder {
                 .collect();
             all.push(packet.to_vec());
             return Verdict::Flush(all);
+        }
+        if counter > self.highest {
+            if !self.limit.is_zero() && counter > self.highest + 1 {
+                self.note_gap(self.highest + 1, counter);
+            }
+            self.highest = counter;
         }
         if counter < self.next {
             // A late packet of a gap given up (WireGuard dropped any duplicate): deliver as
@@ -185,6 +203,15 @@ impl Reorder {
         self.held.values().map(|(d, _)| *d).min()
     }
 
+    /// The gaps seen since the last call (in redundant mode), with their session: what to ask
+    /// the peer to resend.
+    pub fn take_gaps(&mut self) -> Option<(u32, Vec<(u64, u16)>)> {
+        if self.gaps.is_empty() {
+            return None;
+        }
+        Some((self.session?, std::mem::take(&mut self.gaps)))
+    }
+
     /// Whether holding has paid off lately: most missing packets turned up in time.
     pub fn worth_holding(&self) -> bool {
         self.missing < MIN_EVIDENCE || self.recovered >= WORTH_HOLDING * self.missing
@@ -205,6 +232,20 @@ impl Reorder {
             .map_or(self.limit, |l| 2 * l + Duration::from_millis(2))
             .max(MIN_HOLD)
             .min(self.limit)
+    }
+
+    /// Counters `from..to` did not arrive (yet) when a later one did.
+    fn note_gap(&mut self, from: u64, to: u64) {
+        if to - from > MAX_REPORTED_GAP {
+            return;
+        }
+        let mut first = from;
+        while first < to && self.gaps.len() < MAX_GAPS {
+            let len = (to - first).min(u64::from(u16::MAX));
+            // `len` fits: it is at most u16::MAX.
+            self.gaps.push((first, len as u16));
+            first += len;
+        }
     }
 
     /// Counters `from..to` are given up (as of `at`, when the gap opened).
@@ -290,6 +331,30 @@ mod tests {
         assert_eq!(r.push(1, 2, &[2], HOLD, later), deliver(&[&[3], &[4]]));
         assert_eq!(r.held(), 0);
         assert_eq!(r.push(1, 5, &[5], HOLD, later), deliver(&[]));
+    }
+
+    #[test]
+    fn gaps_are_reported_once_in_redundant_mode_only() {
+        let (mut r, now) = (Reorder::default(), Instant::now());
+        r.push(1, 0, &[0], Duration::ZERO, now);
+        r.push(1, 3, &[3], Duration::ZERO, now);
+        assert_eq!(r.take_gaps(), None, "one path: nothing to ask for");
+        r.push(1, 4, &[4], HOLD, now);
+        r.push(1, 7, &[7], HOLD, now);
+        r.push(1, 9, &[9], HOLD, now);
+        // The late arrival of 5 opens no new gap.
+        r.push(1, 5, &[5], HOLD, now);
+        assert_eq!(r.take_gaps(), Some((1, vec![(5, 2), (8, 1)])));
+        assert_eq!(r.take_gaps(), None);
+        // An outage is no burst: not reported.
+        r.push(1, 9 + 2 * MAX_REPORTED_GAP, &[0], HOLD, now);
+        assert_eq!(r.take_gaps(), None);
+        // A new session forgets the old one's gaps.
+        r.push(1, 5000, &[0], HOLD, now);
+        r.push(2, 0, &[0], HOLD, now);
+        assert_eq!(r.take_gaps(), None);
+        r.push(2, 2, &[2], HOLD, now);
+        assert_eq!(r.take_gaps(), Some((2, vec![(1, 1)])));
     }
 
     #[test]

@@ -298,6 +298,9 @@ pub enum Handled<P, L> {
         path: PathId<P, L>,
         datagram: Vec<u8>,
     },
+    /// An authenticated nack from `peer` (directly or through a relay): it asks for data
+    /// messages to be resent; the shell, which keeps what it sent, acts on it.
+    Nack { peer: P, nack: wire::Nack },
     /// A relayed WireGuard datagram from `from` through `relay`: `datagram[inner]` goes to
     /// the overlay; its path is `PathId { local, via: Via::Relay(relay) }`.
     Relayed {
@@ -453,6 +456,8 @@ pub struct Stats {
     pub budget_deferred: u64,
     /// Pongs not sent because of a probe budget.
     pub pongs_dropped: u64,
+    /// Authenticated nacks received (requests to resend data in redundant mode).
+    pub nacks_received: u64,
 }
 
 /// Why an input was rejected.

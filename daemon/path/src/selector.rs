@@ -284,6 +284,7 @@ where
             Some(&(wire::PING..=wire::CALL_ME_MAYBE)) => self
                 .handle_probe(local, Via::Relay(relay), None, inner, None, now)
                 .map(|peer| Handled::Consumed { peer }),
+            Some(&wire::NACK) => self.handle_nack(inner, None),
             Some(&(wire::RELAY_TO | wire::RELAY_FROM)) => Err(Error::NestedRelay),
             Some(_) => Err(Error::NotProbe),
             None => Err(wire::Error::Empty.into()),
@@ -508,6 +509,7 @@ where
                     self.handle_probe(local, Via::Direct(src), Some(src), datagram, None, now)?;
                 Ok(Handled::Consumed { peer })
             }
+            wire::NACK => self.handle_nack(datagram, None),
             wire::RELAY_TO => self.serve_relay(datagram),
             wire::RELAY_FROM => {
                 let env = wire::parse_relay_from(datagram)?;
@@ -542,6 +544,7 @@ where
                         )?;
                         Ok(Handled::Consumed { peer })
                     }
+                    Some(&wire::NACK) => self.handle_nack(env.payload, Some(env.src)),
                     Some(&(wire::RELAY_TO | wire::RELAY_FROM)) => Err(Error::NestedRelay),
                     Some(_) | None => {
                         trace!(?from, ?relay, len = env.payload.len(), "relayed datagram");
@@ -644,6 +647,40 @@ where
         process_peer(ctx, &id, peer, now);
         self.wake_for(&id);
         Ok(id)
+    }
+
+    fn handle_nack(
+        &mut self,
+        bytes: &[u8],
+        expect_sender: Option<ShortId>,
+    ) -> Result<Handled<P, L>, Error> {
+        let signed = wire::decode_nack(bytes)?;
+        if let Some(outer) = expect_sender
+            && outer != signed.sender
+        {
+            return Err(Error::SenderMismatch {
+                outer,
+                inner: signed.sender,
+            });
+        }
+        let peer = self
+            .by_id
+            .get(&signed.sender)
+            .cloned()
+            .ok_or(Error::UnknownSender(signed.sender))?;
+        let keys = &self
+            .peers
+            .get(&peer)
+            .ok_or(Error::UnknownSender(signed.sender))?
+            .keys;
+        if !signed.verify(&keys.mac_key) {
+            return Err(Error::BadMac(signed.sender));
+        }
+        self.ctx.stats.nacks_received += 1;
+        Ok(Handled::Nack {
+            peer,
+            nack: signed.nack,
+        })
     }
 
     fn count_error(&mut self, e: &Error) {

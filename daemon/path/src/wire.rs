@@ -13,6 +13,7 @@
 //! CallMeMaybe  0x82 | sender id 8 | count u8 (<= 16) | count x addr                     | mac 16
 //! RelayTo      0x83 | dst id 8 | src id 8   | payload | mac 16 (key: src <-> relay)
 //! RelayFrom    0x84 | relay id 8 | src id 8 | payload | mac 16 (key: relay <-> dst)
+//! Nack         0x85 | sender id 8 | session u32 | flags u8 | count u8 (1..=16) | count x (first u64 | len u16) | mac 16 = 41..201 B
 //!
 //! addr = family u8 (0 none | 4 IPv4 | 6 IPv6) | IP 0/4/16 | port u16 (absent for family 0)
 //! ```
@@ -26,6 +27,13 @@
 //! Relay envelopes carry opaque payloads (WireGuard datagrams or probes) through a third node.
 //! `RelayFrom` names the relay so the receiver knows which key verifies it: the relay's source
 //! address is no reliable identity behind NAT. Both envelopes add [`RELAY_OVERHEAD`] bytes.
+//!
+//! A `Nack` asks a peer in redundant mode to resend WireGuard data messages its sender never
+//! saw arrive: `session` is the receiver's index (the one the data messages carry), the ranges
+//! are their counters. Flag bit 0 (`copies late`) says the copies on the second path do not
+//! fill gaps in time. Resending is safe: the datagram is the same ciphertext, and WireGuard's
+//! replay window drops whatever arrives twice.
+//!
 //! Replay of a probe is harmless by construction: a pong is accepted once, for a ping the
 //! receiver sent itself, and a replayed ping yields a pong of the same size (no amplification).
 
@@ -46,6 +54,10 @@ pub const CALL_ME_MAYBE: u8 = 0x82;
 pub const RELAY_TO: u8 = 0x83;
 /// Message type: envelope from a relay to the destination.
 pub const RELAY_FROM: u8 = 0x84;
+/// Message type: "resend these data messages" (selective repair in redundant mode).
+pub const NACK: u8 = 0x85;
+/// Most counter ranges one nack carries.
+pub const MAX_NACK_RANGES: usize = 16;
 /// Length of a short id.
 pub const ID_LEN: usize = 8;
 /// Length of a MAC.
@@ -86,12 +98,107 @@ pub enum Error {
     Family(u8),
     #[error("{0} endpoints, at most {MAX_ENDPOINTS} allowed")]
     TooManyEndpoints(usize),
+    #[error("{0} nack ranges, 1 to {MAX_NACK_RANGES} allowed")]
+    NackRanges(usize),
+    #[error("unknown nack flags {0:#04x}")]
+    NackFlags(u8),
 }
 
 /// True if the datagram's first byte is one of the message types above (the shell's
 /// dispatch test; WireGuard's types are 1..=4).
 pub fn is_path_message(datagram: &[u8]) -> bool {
-    matches!(datagram.first(), Some(&(PING..=RELAY_FROM)))
+    matches!(datagram.first(), Some(&(PING..=NACK)))
+}
+
+/// Body of a nack: which data messages of one WireGuard session went missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nack {
+    /// The receiver index of the session (as carried by the data messages).
+    pub session: u32,
+    /// The second path's copies do not fill gaps in time (too late or lost): the sender
+    /// should resend only what is missing instead of copying everything.
+    pub copies_late: bool,
+    /// Missing counters, as `first..first + len` ranges (1..=[`MAX_NACK_RANGES`]).
+    pub ranges: Vec<(u64, u16)>,
+}
+
+/// A decoded, not yet verified nack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedNack<'a> {
+    pub sender: ShortId,
+    pub nack: Nack,
+    signed: &'a [u8],
+    mac: &'a [u8],
+}
+
+impl SignedNack<'_> {
+    /// True if the MAC is valid under `key`.
+    pub fn verify(&self, key: &MacKey) -> bool {
+        verify(key, self.signed, self.mac)
+    }
+}
+
+const NACK_FIXED_LEN: usize = HEADER_LEN + 4 + 1 + 1;
+const NACK_RANGE_LEN: usize = 8 + 2;
+const NACK_COPIES_LATE: u8 = 1;
+
+/// Encodes a nack into `out` (cleared first); ranges past [`MAX_NACK_RANGES`] are left out
+/// (the caller sends them in another nack).
+pub fn encode_nack(sender: &ShortId, nack: &Nack, key: &MacKey, out: &mut Vec<u8>) {
+    out.clear();
+    out.push(NACK);
+    out.extend_from_slice(sender);
+    out.extend_from_slice(&nack.session.to_be_bytes());
+    out.push(if nack.copies_late {
+        NACK_COPIES_LATE
+    } else {
+        0
+    });
+    let ranges = nack.ranges.get(..MAX_NACK_RANGES).unwrap_or(&nack.ranges);
+    // Bounded by MAX_NACK_RANGES above, so the cast cannot truncate.
+    out.push(ranges.len() as u8);
+    for (first, len) in ranges {
+        out.extend_from_slice(&first.to_be_bytes());
+        out.extend_from_slice(&len.to_be_bytes());
+    }
+    seal(key, out);
+}
+
+/// Decodes a nack (structure only: call [`SignedNack::verify`]).
+pub fn decode_nack(datagram: &[u8]) -> Result<SignedNack<'_>, Error> {
+    let (&ty, _) = datagram.split_first().ok_or(Error::Empty)?;
+    if ty != NACK {
+        return Err(Error::UnknownType(ty));
+    }
+    let (signed, mac) = split_mac(datagram, NACK_FIXED_LEN + NACK_RANGE_LEN + MAC_LEN)?;
+    let mut r = Reader::new(signed, 1);
+    let sender = r.id()?;
+    let session = r.u32()?;
+    let flags = r.u8()?;
+    if flags & !NACK_COPIES_LATE != 0 {
+        return Err(Error::NackFlags(flags));
+    }
+    let count = usize::from(r.u8()?);
+    if count == 0 || count > MAX_NACK_RANGES {
+        return Err(Error::NackRanges(count));
+    }
+    let mut ranges = Vec::with_capacity(count);
+    for _ in 0..count {
+        let first = r.u64()?;
+        let len = u16::from_be_bytes(r.take()?);
+        ranges.push((first, len));
+    }
+    r.finish()?;
+    Ok(SignedNack {
+        sender,
+        nack: Nack {
+            session,
+            copies_late: flags & NACK_COPIES_LATE != 0,
+            ranges,
+        },
+        signed,
+        mac,
+    })
 }
 
 /// Body of a ping.
@@ -533,6 +640,50 @@ mod tests {
         assert!(v.verify(&K));
         assert!(parse_relay_to(&out).is_err());
         assert!(parse_relay_from(&out[..RELAY_OVERHEAD]).is_err());
+    }
+
+    #[test]
+    fn nack_round_trips_and_rejects_garbage() {
+        let nack = Nack {
+            session: 0xdead_beef,
+            copies_late: true,
+            ranges: vec![(7, 3), (u64::MAX - 1, 1)],
+        };
+        let mut out = Vec::new();
+        encode_nack(&ID, &nack, &K, &mut out);
+        assert_eq!(out.len(), NACK_FIXED_LEN + 2 * NACK_RANGE_LEN + MAC_LEN);
+        assert!(is_path_message(&out));
+        let n = decode_nack(&out).unwrap();
+        assert_eq!((n.sender, &n.nack), (ID, &nack));
+        assert!(n.verify(&K));
+        assert!(!n.verify(&[8; 32]));
+        for cut in 0..out.len() {
+            assert!(decode_nack(&out[..cut]).is_err(), "len {cut}");
+        }
+        let mut flipped = out.clone();
+        flipped[10] ^= 1;
+        assert!(!decode_nack(&flipped).unwrap().verify(&K));
+        let mut flags = out.clone();
+        flags[13] = 0x80;
+        assert_eq!(decode_nack(&flags), Err(Error::NackFlags(0x80)));
+        let mut zero = out.clone();
+        zero[14] = 0;
+        assert_eq!(decode_nack(&zero), Err(Error::NackRanges(0)));
+        assert!(decode_nack(&sample_ping()).is_err());
+    }
+
+    #[test]
+    fn nack_keeps_at_most_sixteen_ranges() {
+        let nack = Nack {
+            session: 1,
+            copies_late: false,
+            ranges: (0..40).map(|i| (i * 10, 2)).collect(),
+        };
+        let mut out = Vec::new();
+        encode_nack(&ID, &nack, &K, &mut out);
+        let n = decode_nack(&out).unwrap();
+        assert_eq!(n.nack.ranges.len(), MAX_NACK_RANGES);
+        assert_eq!(n.nack.ranges[15], (150, 2));
     }
 
     fn sample_ping() -> Vec<u8> {

@@ -140,20 +140,21 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
     #[test]
-    fn decoding_arbitrary_bytes_never_panics(ty in 0x7eu8..0x86, id in 0u8..4, body in proptest::collection::vec(any::<u8>(), 0..120)) {
+    fn decoding_arbitrary_bytes_never_panics(ty in 0x7eu8..0x87, id in 0u8..4, body in proptest::collection::vec(any::<u8>(), 0..120)) {
         let mut bytes = vec![ty];
         bytes.extend_from_slice(&[id; 8]);
         bytes.extend_from_slice(&body);
         let _ = wire::decode_probe(&bytes);
         let _ = wire::parse_relay_to(&bytes);
         let _ = wire::parse_relay_from(&bytes);
+        let _ = wire::decode_nack(&bytes);
         let mut s = selector();
         let now = Instant::now();
         let _ = s.handle_datagram(0, addr(1, 0), &bytes, now);
         let _ = s.handle_relayed(1, 0, &bytes, now);
         let st = s.stats();
         // Without a valid MAC nothing is ever accepted.
-        prop_assert_eq!(st.pings_received + st.pongs_received + st.call_me_maybe_received + st.relay_forwarded, 0);
+        prop_assert_eq!(st.pings_received + st.pongs_received + st.call_me_maybe_received + st.relay_forwarded + st.nacks_received, 0);
     }
 
     #[test]

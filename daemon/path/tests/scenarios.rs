@@ -576,3 +576,75 @@ fn forged_and_malformed_messages_are_rejected_and_counted() {
     assert!(a.handle_datagram(0, src, &buf, t0).is_ok());
     assert!(a.poll_transmit().is_some());
 }
+
+#[test]
+fn nacks_are_authenticated_and_handed_to_the_shell() {
+    use mistnet_path::wire::{self, Nack};
+    use mistnet_path::{Error, Handled};
+    let t0 = Instant::now();
+    let mut a = Sel::new(quiet(), short_id(0), [1; 32], t0);
+    a.add_peer(1, keys(0, 1), t0);
+    a.add_peer(2, keys(0, 2), t0);
+    let src = addr(1, 0);
+    let nack = Nack {
+        session: 42,
+        copies_late: true,
+        ranges: vec![(100, 4)],
+    };
+    let mut buf = Vec::new();
+
+    wire::encode_nack(&short_id(1), &nack, &keys(0, 1).mac_key, &mut buf);
+    assert_eq!(
+        a.handle_datagram(0, src, &buf, t0),
+        Ok(Handled::Nack {
+            peer: 1,
+            nack: nack.clone()
+        })
+    );
+    // The same nack relayed by node 2 still comes from node 1.
+    let mut env = Vec::new();
+    wire::relay_from(
+        &short_id(2),
+        &short_id(1),
+        &keys(0, 2).mac_key,
+        &buf,
+        &mut env,
+    );
+    assert_eq!(
+        a.handle_datagram(0, addr(2, 0), &env, t0),
+        Ok(Handled::Nack {
+            peer: 1,
+            nack: nack.clone()
+        })
+    );
+
+    // Forged: another peer's key, an unknown sender, a relay lying about the sender.
+    wire::encode_nack(&short_id(1), &nack, &keys(0, 2).mac_key, &mut buf);
+    assert_eq!(
+        a.handle_datagram(0, src, &buf, t0),
+        Err(Error::BadMac(short_id(1)))
+    );
+    wire::encode_nack(&short_id(9), &nack, &keys(0, 9).mac_key, &mut buf);
+    assert_eq!(
+        a.handle_datagram(0, src, &buf, t0),
+        Err(Error::UnknownSender(short_id(9)))
+    );
+    wire::encode_nack(&short_id(2), &nack, &keys(0, 2).mac_key, &mut buf);
+    wire::relay_from(
+        &short_id(2),
+        &short_id(1),
+        &keys(0, 2).mac_key,
+        &buf,
+        &mut env,
+    );
+    assert!(matches!(
+        a.handle_datagram(0, addr(2, 0), &env, t0),
+        Err(Error::SenderMismatch { .. })
+    ));
+    let s = a.stats();
+    assert_eq!(
+        (s.nacks_received, s.bad_mac, s.unknown_sender, s.malformed),
+        (2, 1, 1, 1)
+    );
+    assert!(a.poll_event().is_none(), "nacks change no path state");
+}

@@ -9,8 +9,8 @@
 //!   second path, relative to the clean goodput;
 //! - probe overhead (wire bytes/s per peer) idle and busy, from `pathStats`.
 //!
-//! Usage: `path-bench [--trials N] [--seconds S] [--json]` (root; the lab's binaries in the
-//! directory of this one).
+//! Usage: `path-bench [--trials N] [--seconds S] [--only failover|goodput] [--json]` (root;
+//! the lab's binaries in the directory of this one).
 #![allow(clippy::print_stdout)]
 
 use std::io::Write;
@@ -30,6 +30,8 @@ struct Args {
     trials: usize,
     seconds: u32,
     json: bool,
+    /// Run only this part: `failover` or `goodput` (both by default).
+    only: Option<String>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -37,6 +39,7 @@ fn parse_args() -> Result<Args> {
         trials: 20,
         seconds: 5,
         json: false,
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
@@ -44,6 +47,14 @@ fn parse_args() -> Result<Args> {
             "--trials" => a.trials = it.next().context("--trials N")?.parse()?,
             "--seconds" => a.seconds = it.next().context("--seconds S")?.parse()?,
             "--json" => a.json = true,
+            "--only" => {
+                let part = it.next().context("--only failover|goodput")?;
+                ensure!(
+                    part == "failover" || part == "goodput",
+                    "--only {part}: failover or goodput"
+                );
+                a.only = Some(part);
+            }
             other => bail!("unknown argument {other}"),
         }
     }
@@ -65,39 +76,50 @@ fn main() -> Result<()> {
         .to_path_buf();
     let started = Instant::now();
 
-    eprintln!("failover: mistnet, {} trials ...", args.trials);
-    let mut lab = new_lab("pbfail", &topology("delay=2ms", "delay=10ms"), &bin_dir)?;
-    let overhead = probe_overhead(&lab)?;
-    let mist = failover_trials(&mut lab, args.trials)?;
-    eprintln!("failover: plain WireGuard ...");
-    set_paths(&mut lab, "enabled = false")?;
-    let plain = failover_trials(&mut lab, args.trials.min(3))?;
-    lab.down()?;
+    let (mut mist, mut plain, mut overhead) = (Vec::new(), Vec::new(), json!({}));
+    if args.only.as_deref() != Some("goodput") {
+        eprintln!("failover: mistnet, {} trials ...", args.trials);
+        let mut lab = new_lab("pbfail", &topology("delay=2ms", "delay=10ms"), &bin_dir)?;
+        overhead = probe_overhead(&lab)?;
+        mist = failover_trials(&mut lab, args.trials)?;
+        eprintln!("failover: plain WireGuard ...");
+        set_paths(&mut lab, "enabled = false")?;
+        plain = failover_trials(&mut lab, args.trials.min(3))?;
+        lab.down()?;
+    }
 
-    eprintln!("goodput under 20 % burst loss ...");
-    let mut lab = new_lab(
-        "pbgood",
-        &topology("delay=5ms rate=40mbit", "delay=15ms rate=20mbit"),
-        &bin_dir,
-    )?;
-    let goodput = goodput_rows(&mut lab, args.seconds)?;
-    lab.down()?;
-    // The other reading of "a clean, slower second path": as fast, but 3× the delay.
-    eprintln!("goodput under 20 % burst loss, second path of equal capacity ...");
-    let mut lab = new_lab(
-        "pbgood2",
-        &topology("delay=5ms rate=40mbit", "delay=15ms rate=40mbit"),
-        &bin_dir,
-    )?;
-    let clean = tcp(&lab, args.seconds)?;
-    lab.link_spec_on("wlan0", "n1", "n2", "ge=5%,20%,0%,100%")?;
-    let auto = tcp(&lab, args.seconds)?;
-    lab.down()?;
-
-    let equal = vec![
-        ("clean links (mistnet)".to_owned(), clean),
-        ("20 % burst loss, redundancy auto".to_owned(), auto),
-    ];
+    let (mut goodput, mut equal) = (Vec::new(), Vec::new());
+    if args.only.as_deref() != Some("failover") {
+        eprintln!("goodput under 20 % burst loss ...");
+        let mut lab = new_lab(
+            "pbgood",
+            &topology("delay=5ms rate=40mbit", "delay=15ms rate=20mbit"),
+            &bin_dir,
+        )?;
+        goodput = goodput_rows(&mut lab, args.seconds)?;
+        lab.down()?;
+        // The other reading of "a clean, slower second path": as fast, but 3× the delay.
+        eprintln!("goodput under 20 % burst loss, second path of equal capacity ...");
+        let mut lab = new_lab(
+            "pbgood2",
+            &topology("delay=5ms rate=40mbit", "delay=15ms rate=40mbit"),
+            &bin_dir,
+        )?;
+        let clean = tcp(&lab, args.seconds)?;
+        lab.link_spec_on("wlan0", "n1", "n2", "ge=5%,20%,0%,100%")?;
+        let auto = tcp(&lab, args.seconds)?;
+        set_paths(&mut lab, "repair = false")?;
+        let copy_only = tcp(&lab, args.seconds)?;
+        lab.down()?;
+        equal = vec![
+            ("clean links (mistnet)".to_owned(), clean),
+            ("20 % burst loss, redundancy auto".to_owned(), auto),
+            (
+                "20 % burst loss, redundancy auto, repair off (copies only)".to_owned(),
+                copy_only,
+            ),
+        ];
+    }
 
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -111,50 +133,56 @@ fn main() -> Result<()> {
         writeln!(out, "{doc:#}")?;
         return Ok(());
     }
-    writeln!(
-        out,
-        "failover outage (5 ms UDP probe stream pod → pod, active link cut for {} ms)",
-        CUT.as_millis()
-    )?;
-    writeln!(out, "| variant | trials | p50 | p95 | max | recovered |")?;
-    writeln!(out, "|---|---|---|---|---|---|")?;
-    for (name, t) in [("mistnet", &mist), ("plain WireGuard", &plain)] {
-        let (p50, p95, max) = percentiles(t);
-        let rec = t.iter().filter(|x| x.1).count();
+    if !mist.is_empty() {
         writeln!(
             out,
-            "| {name} | {} | {} | {} | {} | {rec}/{} |",
-            t.len(),
-            fmt_gap(p50, t),
-            fmt_gap(p95, t),
-            fmt_gap(max, t),
-            t.len()
+            "failover outage (5 ms UDP probe stream pod → pod, active link cut for {} ms)",
+            CUT.as_millis()
         )?;
+        writeln!(out, "| variant | trials | p50 | p95 | max | recovered |")?;
+        writeln!(out, "|---|---|---|---|---|---|")?;
+        for (name, t) in [("mistnet", &mist), ("plain WireGuard", &plain)] {
+            let (p50, p95, max) = percentiles(t);
+            let rec = t.iter().filter(|x| x.1).count();
+            writeln!(
+                out,
+                "| {name} | {} | {} | {} | {} | {rec}/{} |",
+                t.len(),
+                fmt_gap(p50, t),
+                fmt_gap(p95, t),
+                fmt_gap(max, t),
+                t.len()
+            )?;
+        }
+        writeln!(out)?;
     }
-    writeln!(out)?;
-    goodput_table(
-        &mut out,
-        &format!(
-            "TCP goodput pod → pod, {} s, wlan0 20 % burst loss (ge=5%,20%,0%,100%), lte0 clean",
-            args.seconds
-        ),
-        &goodput,
-    )?;
-    writeln!(out)?;
-    goodput_table(
-        &mut out,
-        "the same with lte0 as fast as wlan0 (40 Mbit/s) but 3× its delay (15 ms)",
-        &equal,
-    )?;
-    writeln!(out)?;
-    writeln!(
-        out,
-        "probe overhead per peer (wire bytes/s sent by one node)"
-    )?;
-    writeln!(out, "| state | bytes/s |")?;
-    writeln!(out, "|---|---|")?;
-    for (k, v) in overhead.as_object().into_iter().flatten() {
-        writeln!(out, "| {k} | {:.0} |", v.as_f64().unwrap_or(0.0))?;
+    if !goodput.is_empty() {
+        goodput_table(
+            &mut out,
+            &format!(
+                "TCP goodput pod → pod, {} s, wlan0 20 % burst loss (ge=5%,20%,0%,100%), lte0 clean",
+                args.seconds
+            ),
+            &goodput,
+        )?;
+        writeln!(out)?;
+        goodput_table(
+            &mut out,
+            "the same with lte0 as fast as wlan0 (40 Mbit/s) but 3× its delay (15 ms)",
+            &equal,
+        )?;
+        writeln!(out)?;
+    }
+    if !mist.is_empty() {
+        writeln!(
+            out,
+            "probe overhead per peer (wire bytes/s sent by one node)"
+        )?;
+        writeln!(out, "| state | bytes/s |")?;
+        writeln!(out, "|---|---|")?;
+        for (k, v) in overhead.as_object().into_iter().flatten() {
+            writeln!(out, "| {k} | {:.0} |", v.as_f64().unwrap_or(0.0))?;
+        }
     }
     writeln!(out, "\nruntime {:.0} s", started.elapsed().as_secs_f64())?;
     Ok(())
@@ -239,6 +267,11 @@ fn goodput_rows(lab: &mut Lab, secs: u32) -> Result<Vec<(String, f64)>> {
         "20 % burst loss, redundancy auto".to_owned(),
         tcp(lab, secs)?,
     ));
+    set_paths(lab, "repair = false")?;
+    rows.push((
+        "20 % burst loss, redundancy auto, repair off (copies only)".to_owned(),
+        tcp(lab, secs)?,
+    ));
     set_paths(lab, "redundancy = \"off\"")?;
     rows.push((
         "20 % burst loss, redundancy off".to_owned(),
@@ -288,7 +321,19 @@ fn tcp(lab: &Lab, secs: u32) -> Result<f64> {
     let bps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .context("iperf3 JSON")?;
-    eprintln!("  {:.1} Mbit/s", bps / 1e6);
+    // The sender's repair counters and the receiver's nacks, for the log.
+    let repair = lab
+        .daemon_status("n1")
+        .map(|st| peer(&st)["repair"].clone())
+        .unwrap_or_default();
+    let nacks = lab
+        .daemon_status("n2")
+        .map(|st| st["nacksSent"].clone())
+        .unwrap_or_default();
+    eprintln!(
+        "  {:.1} Mbit/s (n1 repair {repair}, n2 nacks sent {nacks})",
+        bps / 1e6
+    );
     Ok(bps / 1e6)
 }
 

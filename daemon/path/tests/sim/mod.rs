@@ -387,7 +387,7 @@ impl Net {
             return;
         }
         match n.sel.handle_datagram(local, p.from, &p.bytes, now) {
-            Ok(Handled::Consumed { .. }) | Err(_) => {}
+            Ok(Handled::Consumed { .. } | Handled::Nack { .. }) | Err(_) => {}
             Ok(Handled::Forward { path, datagram, .. }) => {
                 if let Via::Direct(a) = path.via {
                     self.raw(addr(id, path.local), a, datagram);
