@@ -176,7 +176,6 @@ pub fn spawn_deleter(overlay_interface: String) -> Result<std::sync::mpsc::Sende
 /// The status document.
 pub fn status(shared: &Shared, facts: &NodeFacts) -> Value {
     let core = shared.core();
-    let now = std::time::Instant::now();
     let stats = core.overlay.stats();
     let port_of = |local: u8| facts.config.listen_ports.get(usize::from(local)).copied();
     let peers: Vec<Value> = core
@@ -219,6 +218,11 @@ pub fn status(shared: &Shared, facts: &NodeFacts) -> Value {
                         })).collect::<Vec<_>>(),
                     })
                 });
+            let (mode, wish, r) = core.repair_status(id);
+            let repair = json!({
+                "mode": mode, "wish": wish, "nacks": r.nacks, "resent": r.resent,
+                "missed": r.missed, "repairEntered": r.repair_entered,
+            });
             Some(json!({
                 "name": name,
                 "publicKey": crate::keys::encode(&s.public_key),
@@ -231,10 +235,7 @@ pub fn status(shared: &Shared, facts: &NodeFacts) -> Value {
                 "spoofedDrops": s.spoofed,
                 "up": s.up,
                 "paths": paths,
-                "repair": core.repair_status(id, now).map(|(mode, r)| json!({
-                    "mode": mode, "nacks": r.nacks, "resent": r.resent, "missed": r.missed,
-                    "repairEntered": r.repair_entered,
-                })),
+                "repair": repair,
             }))
         })
         .collect();

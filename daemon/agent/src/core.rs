@@ -20,7 +20,7 @@ use tracing::debug;
 use crate::config::PeerConf;
 use crate::dataplane::SockId;
 use crate::reorder::{Reorder, Verdict};
-use crate::repair::{Mode as RepairMode, Repair, RepairStats};
+use crate::repair::{Judge, Mode as RepairMode, Repair, RepairStats};
 
 /// Where one copy of a datagram goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +67,8 @@ pub struct Core {
     repair_enabled: bool,
     /// Per peer: the sending side of selective repair ([`crate::repair`]).
     repair: BTreeMap<PeerId, Repair>,
+    /// Per peer: the receiving side of selective repair (the mode its nacks wish).
+    judges: BTreeMap<PeerId, Judge>,
     /// Peers whose reorder buffer saw gaps since the last [`Core::poll_nacks`].
     nack_due: Vec<PeerId>,
     /// Nacks sent, for metrics.
@@ -116,6 +118,7 @@ impl Core {
             reorder: BTreeMap::new(),
             repair_enabled: true,
             repair: BTreeMap::new(),
+            judges: BTreeMap::new(),
             nack_due: Vec::new(),
             nacks_sent: 0,
             peers: BTreeMap::new(),
@@ -166,34 +169,44 @@ impl Core {
         port_at(0) == Some(port) || port_at(2) == Some(port)
     }
 
-    /// Sets each peer's reorder limit from its paths: while it is in redundant mode, three
-    /// smoothed RTTs of the active (fast) path, about what TCP needs to detect and repair a
-    /// loss by itself (RACK's reordering window, the retransmission's round trip, and the
-    /// window it then loses); at least the two paths' RTTs added, the time a nack (on the
-    /// active path) and the resend it asks for (on the second) take ([`crate::repair`]).
-    /// Called from the timer thread, not per packet.
-    pub fn refresh_reorder(&mut self) {
+    /// Sets each peer's reorder limit from its paths, and the mode its nacks wish. While a
+    /// peer is in redundant mode the limit is three smoothed RTTs of the active (fast) path,
+    /// about what TCP needs to detect and repair a loss by itself (RACK's reordering window,
+    /// the retransmission's round trip, and the window it then loses); while resends fill the
+    /// gaps ([`crate::repair`]) it is at least the two paths' RTTs added, the time a nack (on
+    /// the active path) and the resend it asks for (on the second) take. Called from the
+    /// timer thread, not per packet.
+    pub fn refresh_reorder(&mut self, now: Instant) {
         let Some(sel) = self.paths.as_ref() else {
             return;
         };
         for id in self.peers.keys() {
             let sp = sel.send_paths(id);
             let srtt = |p| sel.path_metrics(id, p).and_then(|m| m.srtt);
-            let limit = match (sp.active, sp.secondary) {
-                (Some(active), Some(secondary)) => srtt(active).map_or(Duration::ZERO, |rtt| {
-                    let repair = srtt(secondary).map_or(Duration::ZERO, |s| rtt + s);
-                    (3 * rtt)
-                        .max(repair)
-                        .clamp(Duration::from_millis(10), crate::reorder::MAX_HOLD)
-                }),
-                _ => Duration::ZERO,
+            let (hold, buf) = self.reorder.entry(*id).or_default();
+            let judge = self.judges.entry(*id).or_default();
+            let (Some(active), Some(secondary)) = (sp.active, sp.secondary) else {
+                *hold = Duration::ZERO;
+                judge.reset();
+                if let Some(r) = self.repair.get_mut(id) {
+                    r.reset();
+                }
+                continue;
             };
-            self.reorder.entry(*id).or_default().0 = limit;
-            if sp.secondary.is_none()
-                && let Some(r) = self.repair.get_mut(id)
-            {
-                r.reset();
+            let Some(rtt) = srtt(active) else {
+                *hold = Duration::ZERO;
+                continue;
+            };
+            let both = rtt + srtt(secondary).unwrap_or(rtt);
+            if self.repair_enabled && judge.update(now, buf.worth_holding(), both) {
+                buf.reset_evidence();
             }
+            let limit = if judge.wants_repair() {
+                (3 * rtt).max(both)
+            } else {
+                3 * rtt
+            };
+            *hold = limit.clamp(Duration::from_millis(10), crate::reorder::MAX_HOLD);
         }
     }
 
@@ -213,13 +226,13 @@ impl Core {
         now: Instant,
     ) -> Dests {
         let mut d = self.dests(peer, fallback);
-        if d.second.is_some() && self.repair_enabled {
-            let r = self.repair.entry(peer).or_default();
-            if !r.copying(now) {
-                d.second = None;
-                if let Some((session, counter)) = crate::reorder::data_counter(datagram) {
-                    r.record(session, counter, datagram, now);
-                }
+        if d.second.is_some()
+            && let Some(r) = self.repair.get_mut(&peer)
+            && r.mode() == RepairMode::Repair
+        {
+            d.second = None;
+            if let Some((session, counter)) = crate::reorder::data_counter(datagram) {
+                r.record(session, counter, datagram, now);
             }
         }
         d
@@ -227,13 +240,7 @@ impl Core {
 
     /// Takes a nack from `peer`: resends (on the second path) what it asks for, when this
     /// node's side repairs; may switch the side from copying to repairing.
-    pub fn handle_nack(
-        &mut self,
-        peer: PeerId,
-        nack: &Nack,
-        now: Instant,
-        out: &mut Vec<(Dest, Vec<u8>)>,
-    ) {
+    pub fn handle_nack(&mut self, peer: PeerId, nack: &Nack, out: &mut Vec<(Dest, Vec<u8>)>) {
         if !self.repair_enabled {
             return;
         }
@@ -245,7 +252,7 @@ impl Core {
         self.repair
             .entry(peer)
             .or_default()
-            .handle_nack(nack, now, &mut resend);
+            .handle_nack(nack, &mut resend);
         out.extend(resend.into_iter().map(|d| (second, d)));
     }
 
@@ -260,7 +267,7 @@ impl Core {
             let Some((session, ranges)) = buf.take_gaps() else {
                 continue;
             };
-            let copies_late = !buf.worth_holding();
+            let copies_late = self.judges.get(&peer).is_some_and(Judge::wants_repair);
             let Some(key) = self.peers.get(&peer).map(|p| p.keys.mac_key) else {
                 continue;
             };
@@ -284,10 +291,17 @@ impl Core {
         }
     }
 
-    /// A peer's selective repair: its mode and counters.
-    pub fn repair_status(&self, peer: PeerId, now: Instant) -> Option<(RepairMode, RepairStats)> {
-        let r = self.repair.get(&peer)?;
-        Some((r.peek_mode(now), r.stats()))
+    /// A peer's selective repair: how this node sends to it, the mode this node's nacks
+    /// wish of it, and the sending side's counters.
+    pub fn repair_status(&self, peer: PeerId) -> (RepairMode, RepairMode, RepairStats) {
+        let (mode, stats) = self
+            .repair
+            .get(&peer)
+            .map_or((RepairMode::Copy, RepairStats::default()), |r| {
+                (r.mode(), r.stats())
+            });
+        let wish = self.judges.get(&peer).map_or(RepairMode::Copy, Judge::mode);
+        (mode, wish, stats)
     }
 
     /// Nacks sent by this node.
@@ -414,6 +428,7 @@ impl Core {
         self.overlay.remove_peer(&id);
         self.reorder.remove(&id);
         self.repair.remove(&id);
+        self.judges.remove(&id);
         if let Some(sel) = self.paths.as_mut() {
             sel.remove_peer(&id);
         }

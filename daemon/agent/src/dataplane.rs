@@ -447,7 +447,7 @@ fn handle_path_message(
     match sel.handle_datagram(path.local, path.remote, datagram, now) {
         Ok(Handled::Consumed { .. }) => None,
         Ok(Handled::Nack { peer, nack }) => {
-            core.handle_nack(peer, &nack, now, pending);
+            core.handle_nack(peer, &nack, pending);
             None
         }
         Ok(Handled::Forward { to, path, datagram }) => {
@@ -503,7 +503,7 @@ fn timer_loop(sh: &Shared) {
             }
             drain_transmits(&mut core, &mut pending, false);
             log_events(sh, &mut core);
-            core.refresh_reorder();
+            core.refresh_reorder(now);
             core.reorder_expired(now, &mut released);
             let overlay = core.overlay.poll_timeout().map(|(t, _)| t);
             let paths = core

@@ -217,6 +217,13 @@ impl Reorder {
         self.missing < MIN_EVIDENCE || self.recovered >= WORTH_HOLDING * self.missing
     }
 
+    /// Forgets what was learned of missing packets: the sender changed how it fills gaps.
+    pub fn reset_evidence(&mut self) {
+        self.missing = 0.0;
+        self.recovered = 0.0;
+        self.lateness = None;
+    }
+
     /// Packets held right now.
     #[cfg(test)]
     pub fn held(&self) -> usize {

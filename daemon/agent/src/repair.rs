@@ -5,14 +5,19 @@
 //! the traffic. When it has less (an LTE uplink beside a faster Wi-Fi), the copies queue and
 //! drop on it, arrive too late to fill the gaps, and the active path's losses reach TCP.
 //!
-//! The receiver tells which case it is in: its reorder buffer ([`crate::reorder`]) measures
-//! whether missing packets turn up in time, and it sends a nack for every gap it sees while
-//! the peer is in redundant mode, flagged `copies late` when they do not. A sender that gets
-//! such a nack stops copying for a while and resends only the messages nacked, on the second
-//! path: about the loss rate of the active path instead of all of its traffic. After the
-//! while it tries copying again (copies arrive sooner than resends, when the path has room);
-//! each failed try doubles the while, from [`FIRST_BACKOFF`] to [`MAX_BACKOFF`], and a try
-//! that holds for [`STABLE`] starts it over.
+//! The receiver decides, because it sees the outcome: its reorder buffer ([`crate::reorder`])
+//! measures whether missing packets turn up in time. While the peer is in redundant mode it
+//! sends a nack for every gap it sees, and each nack carries its wish ([`Judge`]):
+//! - *copies* (flag clear): the sender copies everything and ignores the ranges;
+//! - *repair* (flag `copies late`, wished when copies stopped filling gaps in time): the sender
+//!   stops copying and resends exactly the nacked messages on the second path, once each
+//!   ([`Repair`]): about the loss rate of the active path instead of all of its traffic.
+//!
+//! After a while the receiver wishes copies again (copies arrive sooner than resends, when the
+//! path has room); each failed try doubles the while, from [`FIRST_BACKOFF`] to
+//! [`MAX_BACKOFF`], and copies that hold for [`STABLE`] start it over. Evidence gathered in
+//! one mode says nothing of the other: it is cleared at each switch, once the messages sent
+//! before it have had time to land.
 //!
 //! Resending is safe: it is the same ciphertext (WireGuard's replay window drops a second
 //! arrival), and only messages this node sent to that peer are resent, once each.
@@ -26,11 +31,11 @@ use std::time::{Duration, Instant};
 use mistnet_path::wire::Nack;
 use serde::Serialize;
 
-/// The first time a sender stops copying after a `copies late` nack.
+/// How long the receiver wishes repair the first time before it tries copies again.
 pub const FIRST_BACKOFF: Duration = Duration::from_secs(10);
-/// The longest a sender goes without trying to copy again.
+/// The longest it wishes repair before trying copies again.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(320);
-/// Copying that lasts this long without a `copies late` nack resets the backoff.
+/// Copies that fill gaps in time for this long reset the backoff.
 pub const STABLE: Duration = Duration::from_secs(60);
 /// Messages kept for resending while repairing (about 0.3 s at 3400 packets/s).
 pub const LOG_MAX: usize = 1024;
@@ -45,7 +50,7 @@ const MAX_NACKED: u64 = LOG_MAX as u64;
 pub enum Mode {
     /// Every data message is copied onto the second path.
     Copy,
-    /// Only nacked messages are resent on the second path (until `until`).
+    /// Only nacked messages are resent on the second path.
     Repair,
 }
 
@@ -56,22 +61,17 @@ pub struct RepairStats {
     pub nacks: u64,
     /// Data messages resent.
     pub resent: u64,
-    /// Nacked messages no longer kept (too old, or never sent while repairing).
+    /// Nacked messages no longer kept (too old, or sent while copying).
     pub missed: u64,
-    /// Switches from copying to repairing.
+    /// Switches from copying to repairing (on the peer's wish).
     pub repair_entered: u64,
 }
 
-/// One peer's sending side.
+/// One peer's sending side: copies or repairs, as the peer's latest nack wishes.
 #[derive(Debug)]
 pub struct Repair {
     mode: Mode,
-    /// While repairing: when copying is tried again.
-    until: Option<Instant>,
-    /// When copying last started (for [`STABLE`]).
-    copying_since: Option<Instant>,
-    backoff: Duration,
-    /// Data messages sent while repairing: (session, counter, sent at, datagram, resent).
+    /// Data messages sent while repairing.
     log: VecDeque<Kept>,
     /// Buffers of dropped entries, reused so the hot path does not allocate.
     spare: Vec<Vec<u8>>,
@@ -91,9 +91,6 @@ impl Default for Repair {
     fn default() -> Self {
         Self {
             mode: Mode::Copy,
-            until: None,
-            copying_since: None,
-            backoff: FIRST_BACKOFF,
             log: VecDeque::new(),
             spare: Vec::new(),
             stats: RepairStats::default(),
@@ -102,20 +99,9 @@ impl Default for Repair {
 }
 
 impl Repair {
-    /// The mode at `now` (a repair whose while is over goes back to copying).
-    pub fn mode(&mut self, now: Instant) -> Mode {
-        if self.mode == Mode::Repair && self.until.is_some_and(|u| now >= u) {
-            self.mode = Mode::Copy;
-            self.until = None;
-            self.copying_since = Some(now);
-            self.recycle_all();
-        }
+    /// The sending mode.
+    pub fn mode(&self) -> Mode {
         self.mode
-    }
-
-    /// Whether data messages are copied onto the second path at `now`.
-    pub fn copying(&mut self, now: Instant) -> bool {
-        self.mode(now) == Mode::Copy
     }
 
     /// Keeps a data message sent while repairing (WireGuard type 4, with its receiver index
@@ -147,28 +133,24 @@ impl Repair {
         });
     }
 
-    /// Takes a nack: switches to repairing if the receiver says copies come too late, and
-    /// while repairing puts the nacked messages still kept (each once) into `out`.
-    pub fn handle_nack(&mut self, nack: &Nack, now: Instant, out: &mut Vec<Vec<u8>>) {
+    /// Takes a nack: follows the peer's wish, and while repairing puts the nacked messages
+    /// still kept (each once) into `out`.
+    pub fn handle_nack(&mut self, nack: &Nack, out: &mut Vec<Vec<u8>>) {
         self.stats.nacks += 1;
-        if self.mode(now) == Mode::Copy {
-            if !nack.copies_late {
-                // The copies fill the gaps.
+        match (self.mode, nack.copies_late) {
+            (Mode::Copy, false) => return,
+            (Mode::Repair, false) => {
+                self.mode = Mode::Copy;
+                self.recycle_all();
                 return;
             }
-            let failed_try = self
-                .copying_since
-                .is_some_and(|t| now.saturating_duration_since(t) < STABLE);
-            self.backoff = if failed_try {
-                (self.backoff * 2).min(MAX_BACKOFF)
-            } else {
-                FIRST_BACKOFF
-            };
-            self.mode = Mode::Repair;
-            self.until = Some(now + self.backoff);
-            self.stats.repair_entered += 1;
-            // Messages sent before the switch were copied (or not kept): nothing to resend.
-            return;
+            (Mode::Copy, true) => {
+                self.mode = Mode::Repair;
+                self.stats.repair_entered += 1;
+                // Messages sent before the switch were copied (or not kept): nothing to resend.
+                return;
+            }
+            (Mode::Repair, true) => {}
         }
         let mut budget = MAX_NACKED;
         for &(first, len) in &nack.ranges {
@@ -193,22 +175,10 @@ impl Repair {
         }
     }
 
-    /// Leaves redundant mode: nothing is kept; the backoff is remembered.
+    /// Leaves redundant mode: copies again, nothing kept.
     pub fn reset(&mut self) {
+        self.mode = Mode::Copy;
         self.recycle_all();
-    }
-
-    /// When copying is tried again (while repairing).
-    pub fn repair_until(&self) -> Option<Instant> {
-        self.until
-    }
-
-    /// The mode at `now`, for status (changes nothing).
-    pub fn peek_mode(&self, now: Instant) -> Mode {
-        match self.until {
-            Some(u) if now < u => Mode::Repair,
-            Some(_) | None => Mode::Copy,
-        }
     }
 
     /// Counters.
@@ -230,48 +200,142 @@ impl Repair {
     }
 }
 
+/// One peer's receiving side: which mode to wish for, from the reorder buffer's evidence.
+#[derive(Debug)]
+pub struct Judge {
+    repair: bool,
+    /// While wishing repair: when copies are tried again.
+    until: Option<Instant>,
+    /// When copies were last wished (for [`STABLE`]).
+    copying_since: Option<Instant>,
+    backoff: Duration,
+    /// After a switch: evidence is cleared at this time, when what was sent before the switch
+    /// has landed.
+    settle_at: Option<Instant>,
+}
+
+impl Default for Judge {
+    fn default() -> Self {
+        Self {
+            repair: false,
+            until: None,
+            copying_since: None,
+            backoff: FIRST_BACKOFF,
+            settle_at: None,
+        }
+    }
+}
+
+impl Judge {
+    /// Whether nacks wish repair (flag `copies late`).
+    pub fn wants_repair(&self) -> bool {
+        self.repair
+    }
+
+    /// The wished mode.
+    pub fn mode(&self) -> Mode {
+        if self.repair {
+            Mode::Repair
+        } else {
+            Mode::Copy
+        }
+    }
+
+    /// Updates the wish at `now` from the reorder buffer's judgement (`worth_holding`: most
+    /// missing packets turned up in time, or too little evidence yet). `settle`: how long
+    /// messages sent before a switch may still arrive (the paths' RTTs). Returns true when
+    /// the caller must clear the buffer's evidence.
+    pub fn update(&mut self, now: Instant, worth_holding: bool, settle: Duration) -> bool {
+        let mut clear = false;
+        if let Some(at) = self.settle_at {
+            if now < at {
+                return false;
+            }
+            self.settle_at = None;
+            clear = true;
+        }
+        if self.repair {
+            if self.until.is_some_and(|u| now >= u) {
+                self.repair = false;
+                self.until = None;
+                self.copying_since = Some(now);
+                self.settle_at = Some(now + settle);
+                return true;
+            }
+            return clear;
+        }
+        // Evidence cleared just now says nothing yet.
+        if clear || worth_holding {
+            return clear;
+        }
+        let failed_try = self
+            .copying_since
+            .is_some_and(|t| now.saturating_duration_since(t) < STABLE);
+        self.backoff = if failed_try {
+            (self.backoff * 2).min(MAX_BACKOFF)
+        } else {
+            FIRST_BACKOFF
+        };
+        self.repair = true;
+        self.until = Some(now + self.backoff);
+        self.settle_at = Some(now + settle);
+        true
+    }
+
+    /// Leaves redundant mode: the next time starts with copies; the backoff is remembered.
+    pub fn reset(&mut self) {
+        self.repair = false;
+        self.until = None;
+        self.settle_at = None;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const SETTLE: Duration = Duration::from_millis(40);
+
     #[test]
-    fn copies_until_the_receiver_says_they_are_late() {
+    fn the_sender_follows_the_wish_of_the_latest_nack() {
         let t0 = Instant::now();
         let mut r = Repair::default();
         let mut out = Vec::new();
-        assert!(r.copying(t0));
-        r.record(1, 0, b"not kept while copying", t0);
+        assert_eq!(r.mode(), Mode::Copy);
+        r.record(7, 0, b"not kept while copying", t0);
         assert_eq!(r.kept(), 0);
-
-        r.handle_nack(&nack(false, 5, 2), t0, &mut out);
-        assert!(r.copying(t0), "copies that fill gaps are fine");
-
-        r.handle_nack(&nack(true, 5, 2), t0, &mut out);
-        assert!(!r.copying(t0));
-        assert_eq!(r.repair_until(), Some(t0 + FIRST_BACKOFF));
+        r.handle_nack(&nack(false, 0, 1), &mut out);
+        assert_eq!(r.mode(), Mode::Copy, "copies that fill gaps are fine");
+        r.handle_nack(&nack(true, 0, 1), &mut out);
+        assert_eq!(r.mode(), Mode::Repair);
         assert!(out.is_empty(), "messages sent while copying are not resent");
-        assert!(r.copying(t0 + FIRST_BACKOFF), "copying is tried again");
+        r.record(7, 1, b"kept", t0);
+        r.handle_nack(&nack(false, 1, 1), &mut out);
+        assert_eq!(r.mode(), Mode::Copy);
+        assert!(out.is_empty());
+        assert_eq!(r.kept(), 0, "copying keeps nothing");
+        assert_eq!(r.stats().repair_entered, 1);
     }
 
     #[test]
     fn resends_nacked_messages_once_each() {
         let t0 = Instant::now();
-        let mut r = repairing(t0);
+        let mut r = repairing();
         for c in 10..20 {
             r.record(7, c, &[c as u8; 3], t0);
         }
         let mut out = Vec::new();
-        r.handle_nack(&nack(false, 12, 3), t0, &mut out);
+        r.handle_nack(&nack(true, 12, 3), &mut out);
         assert_eq!(out, vec![vec![12; 3], vec![13; 3], vec![14; 3]]);
         out.clear();
-        r.handle_nack(&nack(false, 13, 3), t0, &mut out);
+        r.handle_nack(&nack(true, 13, 3), &mut out);
         assert_eq!(out, vec![vec![15; 3]], "13 and 14 went already");
         out.clear();
-        let mut other = nack(false, 16, 1);
+        let mut other = nack(true, 16, 1);
         other.session = 8;
-        r.handle_nack(&other, t0, &mut out);
+        r.handle_nack(&other, &mut out);
         assert!(out.is_empty(), "another session's counters are not ours");
-        r.handle_nack(&nack(false, 100, 2), t0, &mut out);
+        r.handle_nack(&nack(true, 100, 2), &mut out);
         assert!(out.is_empty());
         let s = r.stats();
         assert_eq!((s.resent, s.missed), (4, 3));
@@ -280,48 +344,77 @@ mod tests {
     #[test]
     fn keeps_a_bounded_log() {
         let t0 = Instant::now();
-        let mut r = repairing(t0);
+        let mut r = repairing();
         for c in 0..(LOG_MAX as u64 + 100) {
-            r.record(1, c, &[0; 1400], t0);
+            r.record(7, c, &[0; 1400], t0);
         }
         assert_eq!(r.kept(), LOG_MAX);
         let mut out = Vec::new();
-        r.handle_nack(&nack(false, 0, 1), t0, &mut out);
+        r.handle_nack(&nack(true, 0, 1), &mut out);
         assert!(out.is_empty(), "the oldest were dropped");
-        r.record(1, 5000, &[0; 10], t0 + LOG_AGE + Duration::from_millis(1));
+        r.record(7, 5000, &[0; 10], t0 + LOG_AGE + Duration::from_millis(1));
         assert_eq!(r.kept(), 1, "old messages expire");
         // A huge range is capped.
-        r.handle_nack(&nack(false, 0, u16::MAX), t0, &mut out);
+        r.handle_nack(&nack(true, 0, u16::MAX), &mut out);
         assert_eq!(r.stats().missed, 1 + MAX_NACKED);
+        r.reset();
+        assert_eq!((r.mode(), r.kept()), (Mode::Copy, 0));
     }
 
     #[test]
-    fn failed_tries_back_off_and_a_stable_try_starts_over() {
+    fn the_receiver_wishes_repair_when_copies_come_late_and_retries_with_backoff() {
         let t0 = Instant::now();
-        let mut r = repairing(t0);
-        let mut out = Vec::new();
+        let mut j = Judge::default();
+        assert!(!j.update(t0, true, SETTLE), "copies fill the gaps");
+        assert!(!j.wants_repair());
+
+        assert!(
+            j.update(t0, false, SETTLE),
+            "evidence cleared at the switch"
+        );
+        assert!(j.wants_repair());
+        assert!(!j.update(t0 + SETTLE / 2, false, SETTLE), "settling");
+        assert!(
+            j.update(t0 + SETTLE, true, SETTLE),
+            "cleared again once settled"
+        );
+        assert!(
+            !j.update(t0 + FIRST_BACKOFF / 2, false, SETTLE),
+            "repair holds"
+        );
+        assert!(j.wants_repair());
+
+        // Copies are tried again after the backoff ...
         let mut t = t0 + FIRST_BACKOFF;
-        assert!(r.copying(t));
-        r.handle_nack(&nack(true, 0, 1), t, &mut out);
-        assert_eq!(r.repair_until(), Some(t + 2 * FIRST_BACKOFF));
-        t += 2 * FIRST_BACKOFF;
-        for _ in 0..10 {
-            assert!(r.copying(t));
-            r.handle_nack(&nack(true, 0, 1), t, &mut out);
-            t = r.repair_until().unwrap();
+        assert!(j.update(t, true, SETTLE));
+        assert!(!j.wants_repair());
+        t += SETTLE;
+        assert!(j.update(t, true, SETTLE));
+        // ... and fail again: twice the wait, up to the maximum.
+        let mut wait = FIRST_BACKOFF;
+        for _ in 0..8 {
+            assert!(j.update(t, false, SETTLE));
+            assert!(j.wants_repair());
+            wait = (wait * 2).min(MAX_BACKOFF);
+            assert_eq!(j.until, Some(t + wait));
+            t += wait;
+            assert!(j.update(t, true, SETTLE));
+            t += SETTLE;
+            assert!(j.update(t, true, SETTLE));
         }
-        assert_eq!(r.backoff, MAX_BACKOFF);
-        assert!(r.copying(t));
+        assert_eq!(wait, MAX_BACKOFF);
+        // Copies that last start the backoff over.
         t += STABLE;
-        r.handle_nack(&nack(true, 0, 1), t, &mut out);
-        assert_eq!(r.repair_until(), Some(t + FIRST_BACKOFF));
-        assert_eq!(r.stats().repair_entered, 13);
+        assert!(j.update(t, false, SETTLE));
+        assert_eq!(j.until, Some(t + FIRST_BACKOFF));
+        j.reset();
+        assert_eq!(j.mode(), Mode::Copy);
     }
 
-    fn repairing(t0: Instant) -> Repair {
+    fn repairing() -> Repair {
         let mut r = Repair::default();
-        r.handle_nack(&nack(true, 0, 1), t0, &mut Vec::new());
-        assert!(!r.copying(t0));
+        r.handle_nack(&nack(true, 0, 1), &mut Vec::new());
+        assert_eq!(r.mode(), Mode::Repair);
         r
     }
 

@@ -144,6 +144,74 @@ fn burst_loss_turns_on_redundancy_and_delivery_stays_high() {
 }
 
 #[test]
+fn burst_loss_beside_a_small_second_path_resends_only_what_is_lost() {
+    // LTE with a quarter of Wi-Fi's rate: copies of a full-rate TCP stream cannot fit it.
+    let topology = TWO_NETWORKS
+        .replace("\"delay=2ms\"", "\"delay=5ms rate=40mbit\"")
+        .replace("\"delay=8ms\"", "\"delay=15ms rate=10mbit\"");
+    let mut lab = up("prepair", 2, &topology);
+    wait_active(&lab, "n1", "n2", |a| a.starts_with("wlan0 ->"), 10);
+    lab.link_spec_on("wlan0", "n1", "n2", "ge=5%,20%,0%,100%")
+        .unwrap();
+    let dst = pod_ip(&lab, "n2-p1").to_string();
+    let server = Bg::spawn(ns::command(
+        &lab.pod("n2-p1").unwrap().netns,
+        &["iperf3", "-s", "-1"],
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    let out = Bg::spawn_piped(ns::command(
+        &lab.pod("n1-p1").unwrap().netns,
+        &["iperf3", "-c", &dst, "-t", "6", "-J"],
+    ))
+    .wait_output();
+    drop(server);
+    assert!(
+        out.status.success(),
+        "iperf3 under burst loss: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        lab.logs()
+    );
+    let sender = lab.daemon_status("n1").unwrap();
+    let receiver = lab.daemon_status("n2").unwrap();
+    let repair = &peer(&sender, "n2")["repair"];
+    let resent = repair["resent"].as_u64().unwrap_or(0);
+    let sent = sender["stats"]["txPackets"].as_u64().unwrap_or(0);
+    assert!(
+        repair["repairEntered"].as_u64().unwrap_or(0) >= 1,
+        "the sender never switched from copies to repair: {sender:#}\n{}",
+        lab.logs()
+    );
+    assert!(
+        receiver["nacksSent"].as_u64().unwrap_or(0) > 0,
+        "{receiver:#}"
+    );
+    // Resends replace lost packets only: about a fifth of what went out, far from a copy
+    // of everything.
+    assert!(
+        resent > 0 && resent * 2 < sent,
+        "{resent} resent of {sent} sent: {sender:#}"
+    );
+    let sock = lab.node("n1").unwrap().dir.join("mistnetd.sock");
+    let bin = mistlab::lab::default_bin_dir().join("mistnetd");
+    let out = lab
+        .exec(
+            "n1",
+            &[
+                bin.to_str().unwrap(),
+                "metrics",
+                "--socket",
+                sock.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        metrics.contains("pathsel_repair_resent_total{peer=\"n2\"}"),
+        "{metrics}"
+    );
+}
+
+#[test]
 fn cut_direct_link_is_relayed_through_third_node_and_wins_back() {
     let mut spec = root_spec("prelay", 3, 1);
     spec.profile = Some("delay=1ms".into());
