@@ -214,7 +214,8 @@ fn set_paths(lab: &mut Lab, body: &str) -> Result<()> {
     while !lab.ping("n1-p1", &dst, 3)? {
         ensure!(
             Instant::now() < deadline,
-            "no connectivity after reconfiguring [paths] {body}"
+            "no connectivity after reconfiguring [paths] {body}\n{}",
+            lab.logs()
         );
     }
     Ok(())
