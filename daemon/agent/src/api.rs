@@ -240,7 +240,7 @@ pub fn status(shared: &Shared, facts: &NodeFacts) -> Value {
         })
         .collect();
     let path_stats = core.paths.as_ref().map(|sel| sel.stats());
-    let nacks_sent = core.nacks_sent();
+    let (nacks_sent, nack_bytes_sent) = core.nacks_sent();
     drop(core);
     let sync = crate::lock(&shared.sync_status).clone();
     json!({
@@ -263,6 +263,7 @@ pub fn status(shared: &Shared, facts: &NodeFacts) -> Value {
         },
         "pathStats": path_stats,
         "nacksSent": nacks_sent,
+        "nackBytesSent": nack_bytes_sent,
         "peers": peers,
         "sync": sync,
     })

@@ -71,8 +71,9 @@ pub struct Core {
     judges: BTreeMap<PeerId, Judge>,
     /// Peers whose reorder buffer saw gaps since the last [`Core::poll_nacks`].
     nack_due: Vec<PeerId>,
-    /// Nacks sent, for metrics.
+    /// Nacks sent and their wire bytes (every copy), for metrics.
     nacks_sent: u64,
+    nack_bytes_sent: u64,
     peers: BTreeMap<PeerId, PeerInfo>,
     by_name: BTreeMap<String, PeerId>,
     next_id: PeerId,
@@ -121,6 +122,7 @@ impl Core {
             judges: BTreeMap::new(),
             nack_due: Vec::new(),
             nacks_sent: 0,
+            nack_bytes_sent: 0,
             peers: BTreeMap::new(),
             by_name: BTreeMap::new(),
             next_id: 1,
@@ -282,9 +284,11 @@ impl Core {
                 wire::encode_nack(&self.my_id, &nack, &key, &mut bytes);
                 self.nacks_sent += 1;
                 if let Some(second) = d.second {
+                    self.nack_bytes_sent += bytes.len() as u64;
                     out.push((second, bytes.clone()));
                 }
                 if let Some(first) = d.first {
+                    self.nack_bytes_sent += bytes.len() as u64;
                     out.push((first, bytes));
                 }
             }
@@ -304,9 +308,9 @@ impl Core {
         (mode, wish, stats)
     }
 
-    /// Nacks sent by this node.
-    pub fn nacks_sent(&self) -> u64 {
-        self.nacks_sent
+    /// Nacks sent by this node, and their wire bytes.
+    pub fn nacks_sent(&self) -> (u64, u64) {
+        (self.nacks_sent, self.nack_bytes_sent)
     }
 
     /// Puts a decrypted data packet of `peer` through its reorder buffer.

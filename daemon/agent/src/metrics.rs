@@ -103,6 +103,17 @@ fn render_paths(out: &mut String, status: &Value) {
         "pathsel_nacks_sent_total {}",
         num(&status["nacksSent"])
     );
+    header(
+        out,
+        "pathsel_nack_bytes_sent_total",
+        "counter",
+        "Wire bytes of the nacks sent (each is sent on both of the peer's paths).",
+    );
+    let _ = writeln!(
+        out,
+        "pathsel_nack_bytes_sent_total {}",
+        num(&status["nackBytesSent"])
+    );
     let peers = status["peers"].as_array().cloned().unwrap_or_default();
     header(
         out,
