@@ -36,7 +36,7 @@ pub struct Config {
     pub underlays: Vec<Underlay>,
     /// The node's zone (published in its record; informational for now).
     pub zone: String,
-    /// Where the identity key and the persisted cluster state live.
+    /// Where the persisted cluster state lives.
     pub state_dir: PathBuf,
     pub paths: PathsConf,
     pub sync: SyncConf,

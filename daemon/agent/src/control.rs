@@ -12,9 +12,14 @@
 //! - Own record: name, keys, pod CIDRs, tunnel addresses, zone, and endpoints: each underlay
 //!   interface's addresses with its port and cost, plus the addresses peers observe for us
 //!   (a NAT's public mapping, reported by path probes). Refreshed when any of them changes.
+//! - Keys: the WireGuard private key (`private_key_file`) is the node's one secret. The replica
+//!   signs the own record with it (XEdDSA) and every node derives the signer's identity from
+//!   the WireGuard key in the record, so no separate identity key exists (an `identity.key`
+//!   left in `state_dir` by an older build is not read).
 //! - Persistence: the replica's state is written atomically to `<state_dir>/cluster.state`
 //!   after changes (at most once a second) and imported on start, so a node that restarts
-//!   during a partition still knows its peers.
+//!   during a partition still knows its peers. A state in another format version is ignored
+//!   with a warning; gossip re-learns it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -64,9 +69,6 @@ pub fn spawn(
     shared: Arc<Shared>,
     reconciler: Arc<Mutex<Reconciler>>,
 ) -> Result<Handle> {
-    let identity_file = config.state_dir.join("identity.key");
-    let identity = crate::keys::load_or_create(&identity_file)
-        .with_context(|| format!("identity key {}", identity_file.display()))?;
     let local = config
         .tunnel_addresses
         .iter()
@@ -101,7 +103,7 @@ pub fn spawn(
             authority: config.sync.authority,
             ..mistnet_sync::Config::default()
         },
-        identity,
+        *private,
         own,
         crate::keys::generate_seed(),
         now,
@@ -110,6 +112,14 @@ pub fn spawn(
     match std::fs::read(&shell.state_file) {
         Ok(bytes) => match replica.import_state(&bytes, now) {
             Ok(n) => info!(records = n, "restored the cluster state"),
+            Err(mistnet_sync::Error::Decode(mistnet_sync::DecodeError::UnsupportedVersion(v))) => {
+                warn!(
+                    found = v,
+                    supported = mistnet_sync::FORMAT_VERSION,
+                    file = %shell.state_file.display(),
+                    "ignoring a cluster state written in another format; peers re-send it"
+                )
+            }
             Err(e) => {
                 warn!(error = %e, file = %shell.state_file.display(), "ignoring an unreadable cluster state")
             }

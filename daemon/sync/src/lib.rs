@@ -1,16 +1,22 @@
 //! Sans-IO control channel core (pure: no sockets, no clock): replicates signed node records
 //! between mistnet nodes with partition-tolerant, compressed anti-entropy gossip.
 //!
-//! A [`Replica`] holds every node's latest [`NodeRecord`] (signed by that node's ed25519
-//! identity key) and tombstones for deleted nodes. The shell feeds it datagrams from peers
+//! A [`Replica`] holds every node's latest [`NodeRecord`] (signed by that node) and tombstones
+//! for deleted nodes. The shell feeds it datagrams from peers
 //! ([`Replica::handle_message`]) and timer ticks ([`Replica::handle_timeout`]), and sends what
 //! [`Replica::poll_transmit`] returns; [`Replica::poll_event`] reports records appearing,
 //! changing and disappearing.
 //!
+//! Keys: a node has one key pair, its WireGuard (X25519) key. It signs its records with XEdDSA
+//! ([`xeddsa`]), and its `identity` (the origin id) is the ed25519 public key derived from the
+//! WireGuard public key: records carry only the WireGuard key and every receiver derives the
+//! identity. XEdDSA exists for exactly this reuse of a Diffie-Hellman key for signatures.
+//!
 //! Invariants:
-//! - Only a record's origin can create it: every record carries an ed25519 signature by its
-//!   `identity`, checked on every receive and on import. Tombstones may instead be signed by
-//!   the cluster authority key ([`Config::authority`]). Forwarders cannot alter records.
+//! - Only a record's origin can create it: every record carries a signature by its
+//!   `identity`, checked on every receive (full or rebuilt from a delta) and on import.
+//!   Tombstones may instead be signed by the cluster authority key ([`Config::authority`], a
+//!   plain ed25519 key). Forwarders cannot alter records.
 //! - Per origin, the replica keeps the record with the highest `(version, deleted)`; a
 //!   tombstone at version `v` beats every record of that origin with version `<= v`. The
 //!   origin alone increments its version, and [`Replica`] never lets its own version go
@@ -42,22 +48,39 @@
 //!    pushed at once to [`Config::push_fanout`] peers; records newly learned from a peer are
 //!    forwarded once to [`Config::forward_fanout`] others (rumor), which makes one change
 //!    spread in a few RTTs; anti-entropy repairs whatever the rumor misses.
-//! 5. Records leave through a per-peer token bucket ([`LinkInfo::budget_bytes_per_sec`]), own
+//! 5. A record goes out as a `Delta` from the version it replaced when the peer is known to
+//!    hold that version (its digest or request says so) and for pushes and rumors (the peer
+//!    most likely holds it); otherwise in full. A receiver that lacks the base ignores the
+//!    delta (counted in [`Stats::deltas_no_base`]) and requests the full record from the
+//!    sender; one that has it rebuilds the record and checks the origin's signature over it,
+//!    so a forged delta is rejected like a forged record. Authority tombstones never travel as
+//!    deltas, and are never a base.
+//! 6. Records leave through a per-peer token bucket ([`LinkInfo::budget_bytes_per_sec`]), own
 //!    record first, then the most recently learned.
 //!
 //! Wire format (all integers are LEB128 varints unless sized; see [`codec`]):
-//! - Header: `format_version (=1) | kind | flags` (bit 0: body is a zstd frame, used only when
-//!   smaller). Unknown versions, kinds and flags are rejected with a clear error.
+//! - Header: `format_version (=2) | kind | flags` (bit 0: body is a zstd frame, used only when
+//!   smaller). Unknown versions, kinds and flags are rejected with a clear error; version 1
+//!   (records with a separate identity key) is not understood.
 //! - `Summary(1)`: `hash[16] | count | reply(0/1)`.
 //! - `Digest(2)`: `lo u64be | hi u64be | n | n × (short u64be | version<<1|deleted)`.
-//! - `Request(3)`: `n | n × short u64be`.
+//! - `Request(3)`: `n | n × (short u64be | version<<1|deleted held, 0 if none)`.
 //! - `Records(4)`: `n | n × (len | signed record)`.
-//! - Signed record: `name | identity[32] | wg_key[32] | version | flags (1 deleted, 2 signed by
-//!   authority) | zone | endpoints (n × iface, ip, port u16be, cost) | pod_cidrs (n × ip,
-//!   prefix u8) | tunnel_addrs (n × ip) | signature[64]`; strings are `len | utf8`, ips are
-//!   `4|a[4]` or `6|a[16]`. The signature covers `"mistnet-sync record v1\0" || body`.
-//! - Short id: the first 8 bytes of the identity key (big endian).
-//! - Persisted state: `version | 0x53 | flags | n | n × (len | signed record)`.
+//! - `Delta(5)`: `n | n × delta`; a delta is `short u64be | base version | new − base |
+//!   mask u8 | changed fields in mask order | signature[64]` (mask bits: 1 name, 2 flags,
+//!   4 zone, 8 endpoints, 16 pod CIDRs, 32 tunnel addresses; a list field is
+//!   `keep_front | keep_back | n | n × item`: the items kept from the front and back of the
+//!   base's list, and the new middle). The signature is the origin's over the full new record.
+//! - Signed record: `name | wg_key[32] | version | flags (1 deleted, 2 signed by authority) |
+//!   zone | endpoints (n × iface, ip, port u16be, cost) | pod_cidrs (n × ip, prefix u8) |
+//!   tunnel_addrs (n × ip) | signature[64]`; strings are `len | utf8`, ips are `4|a[4]` or
+//!   `6|a[16]`. The signature covers `"mistnet-sync record v2\0" || body`. The identity is
+//!   not sent: it is derived from `wg_key`, and a key without one (non-canonical, small
+//!   order) makes the record malformed.
+//! - Short id: the first 8 bytes of the identity (big endian).
+//! - Persisted state: `version (=2) | 0x53 | flags | n | n × (len | signed record)`. A state
+//!   of another version is refused with [`DecodeError::UnsupportedVersion`]; the shell starts
+//!   empty and gossip refills it.
 //!
 //! Peers: `P` is the caller's id of a peer (e.g. the node name, which is what records carry in
 //! [`NodeRecord::name`]). The replica does not add peers by itself: the shell adds every node it
@@ -65,40 +88,45 @@
 //! not added are still answered.
 //!
 //! Time and randomness: `now` is passed in everywhere; peer choice and jitter come from the
-//! seed given to [`Replica::new`].
+//! seed given to [`Replica::new`]; signatures need no randomness (see [`xeddsa`]).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod codec;
+mod delta;
 mod rng;
 pub mod sim;
+pub mod xeddsa;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::cell::Cell;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, VerifyingKey};
+use ed25519_dalek::{Signer as _, SigningKey};
 use ipnet::IpNet;
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 use tracing::{debug, trace};
 
-pub use codec::{DecodeError, Kind, MAX_DATAGRAM};
-use codec::{Message, Signer};
+pub use codec::{DecodeError, FORMAT_VERSION, Kind, MAX_DATAGRAM};
+use codec::{Delta, Message, Signer};
 use rng::Rng;
+use xeddsa::KeyPair;
 
 /// Versions above this are rejected as absurd (a node would need ~9000 years at 1 update/µs).
 pub const MAX_VERSION: u64 = 1 << 48;
 /// Largest signed record (so one always fits a datagram).
 pub const MAX_RECORD: usize = 1000;
-/// Domain separation for record signatures.
-const SIG_CONTEXT: &[u8] = b"mistnet-sync record v1\0";
+/// Domain separation for record signatures (the format version is part of it, so a signature
+/// over one body layout never verifies as another).
+const SIG_CONTEXT: &[u8] = b"mistnet-sync record v2\0";
 /// Raw bytes packed into one Records datagram before compression is tried.
 const RAW_TARGET: usize = 1500;
 /// Digest entries per datagram (11 bytes each for versions < 2^20).
 const DIGEST_CHUNK: usize = 100;
-/// Short ids per Request datagram.
-const REQUEST_CHUNK: usize = 140;
+/// Entries per Request datagram (up to 16 bytes each).
+const REQUEST_CHUNK: usize = 70;
 
 /// A node's reachable endpoint on one interface.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -116,9 +144,10 @@ pub struct Endpoint {
 pub struct NodeRecord {
     /// Node name, 1..=63 bytes.
     pub name: String,
-    /// WireGuard public key.
+    /// WireGuard (X25519) public key: the node's one key, which also signs its records.
     pub wg_key: [u8; 32],
-    /// ed25519 public key: the origin id.
+    /// ed25519 public key derived from `wg_key` ([`xeddsa::identity_of`]): the origin id.
+    /// Computed on decode, never sent.
     pub identity: [u8; 32],
     /// Underlay endpoints.
     pub endpoints: Vec<Endpoint>,
@@ -272,6 +301,8 @@ pub struct PerKind {
     pub request: u64,
     /// Records messages.
     pub records: u64,
+    /// Delta messages.
+    pub delta: u64,
 }
 
 impl PerKind {
@@ -281,13 +312,14 @@ impl PerKind {
             Kind::Digest => &mut self.digest,
             Kind::Request => &mut self.request,
             Kind::Records => &mut self.records,
+            Kind::Delta => &mut self.delta,
         };
         *slot += n;
     }
 
     /// Sum over kinds.
     pub fn total(&self) -> u64 {
-        self.summary + self.digest + self.request + self.records
+        self.summary + self.digest + self.request + self.records + self.delta
     }
 }
 
@@ -342,6 +374,12 @@ pub struct Stats {
     pub rejected: Rejects,
     /// Messages or records that failed to decode.
     pub malformed: u64,
+    /// Deltas applied to the base version held here (the rebuilt record was then accepted,
+    /// stale or rejected like a full one).
+    pub deltas_applied: u64,
+    /// Deltas ignored because the base version is not held here (the full record is requested
+    /// from the sender).
+    pub deltas_no_base: u64,
     /// Messages sent per kind.
     pub tx_messages: PerKind,
     /// Bytes sent per kind.
@@ -387,7 +425,8 @@ pub struct SyncStatus<P> {
     pub records: usize,
     /// Tombstones kept.
     pub tombstones: usize,
-    /// Size of [`Replica::export_state`] (encoded and compressed).
+    /// Size of the last [`Replica::export_state`] (encoded and compressed; the shell exports
+    /// to persist, at most once a second after changes).
     pub state_bytes: usize,
     /// Hash of the (origin, version) set, hex (equal on converged replicas).
     pub state_hash: String,
@@ -399,12 +438,14 @@ pub struct SyncStatus<P> {
     pub stats: Stats,
 }
 
-/// Remembers signatures that verified, so many replicas in one process (simulations,
-/// benchmarks) verify each signed record once. Only successes are cached, keyed by SHA-256 of
-/// key and signed bytes, so a hit proves the same bytes verified before.
+/// Remembers signatures that verified and identities derived from WireGuard keys, so many
+/// replicas in one process (simulations, benchmarks) do each of these once. Only successes are
+/// cached, keyed by SHA-256 of key and signed bytes, so a hit proves the same bytes verified
+/// before.
 #[derive(Debug, Default)]
 pub struct VerifyCache {
     seen: Mutex<HashSet<[u8; 32]>>,
+    identities: Mutex<HashMap<[u8; 32], [u8; 32]>>,
 }
 
 impl VerifyCache {
@@ -420,10 +461,13 @@ impl VerifyCache {
 #[derive(Debug)]
 pub struct Replica<P> {
     config: Config,
-    signing: SigningKey,
+    signing: KeyPair,
     own_id: [u8; 32],
     /// Own record content with the current version.
     own: NodeRecord,
+    /// An earlier incarnation's own record that a peer echoed: the version peers hold, so the
+    /// next own version is sent as a delta from it.
+    own_base: Option<Arc<NodeRecord>>,
     entries: BTreeMap<[u8; 32], Entry>,
     by_short: BTreeMap<u64, [u8; 32]>,
     names: BTreeMap<String, [u8; 32]>,
@@ -447,12 +491,19 @@ pub struct Replica<P> {
     events: VecDeque<Event>,
     stats: Stats,
     verify_cache: Option<Arc<VerifyCache>>,
+    /// Size of the last export: status reports it rather than compressing the whole state on
+    /// every call.
+    exported_len: Cell<Option<usize>>,
 }
 
 #[derive(Debug, Clone)]
 struct Entry {
     rec: Arc<NodeRecord>,
     signed: Arc<[u8]>,
+    signer: Signer,
+    /// The origin-signed record this one replaced: the base of deltas sent to peers that
+    /// hold it.
+    prev: Option<Arc<NodeRecord>>,
     short: u64,
     /// Acceptance order (higher is more recent): send priority.
     seq: u64,
@@ -463,6 +514,22 @@ impl Entry {
     fn key(&self) -> u64 {
         version_key(self.rec.version, self.rec.deleted)
     }
+
+    /// The version a delta of this record starts from: the one it replaced, if both are
+    /// signed by the origin.
+    fn delta_from(&self) -> Option<u64> {
+        self.prev
+            .as_ref()
+            .filter(|_| self.signer == Signer::Origin)
+            .map(|p| p.version)
+    }
+
+    /// [`Entry::delta_from`], if `their_key` (a peer's `version_key`) is that version.
+    fn delta_base(&self, their_key: u64) -> Option<u64> {
+        let prev = self.prev.as_ref()?;
+        self.delta_from()
+            .filter(|_| version_key(prev.version, prev.deleted) == their_key)
+    }
 }
 
 #[derive(Debug)]
@@ -471,7 +538,9 @@ struct Peer {
     tokens: f64,
     /// Last refill (`None` until first used: the bucket starts full).
     refilled: Option<Instant>,
-    queue: BTreeSet<[u8; 32]>,
+    /// Records to send, each with the version the peer is believed to hold (`Some`: a delta
+    /// from it will do; `None`: the full record).
+    queue: BTreeMap<[u8; 32], Option<u64>>,
     last_sync: Option<Instant>,
     last_heard: Option<Instant>,
 }
@@ -491,21 +560,33 @@ enum Offer {
     Stale,
 }
 
+/// An offered record that decoded and verified: what happened and which one it was.
+#[derive(Debug, Clone, Copy)]
+struct Offered {
+    offer: Offer,
+    id: [u8; 32],
+    /// `version_key` of the offered record.
+    key: u64,
+}
+
 impl<P> Replica<P>
 where
     P: Ord + Clone + std::fmt::Debug,
 {
-    /// Creates a replica publishing `own` (its `identity` and `version` are set from
-    /// `identity_secret` and start at 1; a persisted state imported next raises the version).
+    /// Creates a replica publishing `own`. `wg_secret` is the node's WireGuard (X25519)
+    /// private key, its one secret: `own.wg_key` and `own.identity` are set from it, and it
+    /// signs the records (XEdDSA). The version starts at 1; a persisted state imported next
+    /// raises it.
     pub fn new(
         config: Config,
-        identity_secret: [u8; 32],
+        wg_secret: [u8; 32],
         mut own: NodeRecord,
         seed: [u8; 32],
         now: Instant,
     ) -> Result<Self, Error> {
-        let signing = SigningKey::from_bytes(&identity_secret);
-        let own_id = signing.verifying_key().to_bytes();
+        let signing = KeyPair::from_x25519_secret(wg_secret);
+        let own_id = signing.identity();
+        own.wg_key = signing.wg_public();
         own.identity = own_id;
         own.version = 0;
         own.deleted = false;
@@ -514,6 +595,7 @@ where
             signing,
             own_id,
             own: own.clone(),
+            own_base: None,
             entries: BTreeMap::new(),
             by_short: BTreeMap::new(),
             names: BTreeMap::new(),
@@ -534,6 +616,7 @@ where
             events: VecDeque::new(),
             stats: Stats::default(),
             verify_cache: None,
+            exported_len: Cell::new(None),
         };
         r.publish_own(own, now)?;
         Ok(r)
@@ -544,7 +627,7 @@ where
         self.verify_cache = Some(cache);
     }
 
-    /// This node's identity (ed25519 public key).
+    /// This node's identity (the ed25519 form of its WireGuard public key).
     pub fn identity(&self) -> [u8; 32] {
         self.own_id
     }
@@ -554,8 +637,8 @@ where
         &self.own
     }
 
-    /// Changes the own record: bumps the version, signs and pushes it first. `identity`,
-    /// `version` and `deleted` set by `f` are ignored. On error nothing changes.
+    /// Changes the own record: bumps the version, signs and pushes it first. `wg_key`,
+    /// `identity`, `version` and `deleted` set by `f` are ignored. On error nothing changes.
     pub fn update_own(
         &mut self,
         f: impl FnOnce(&mut NodeRecord),
@@ -591,7 +674,8 @@ where
         };
         let rec = NodeRecord {
             name: e.rec.name.clone(),
-            wg_key: [0; 32],
+            // The key names the origin: its identity is derived from it.
+            wg_key: e.rec.wg_key,
             identity,
             endpoints: Vec::new(),
             pod_cidrs: Vec::new(),
@@ -600,7 +684,7 @@ where
             version: e.rec.version,
             deleted: true,
         };
-        let signed = sign(&key, &rec, Signer::Authority);
+        let signed = sign(&rec, Signer::Authority, |m| key.sign(m).to_bytes());
         self.offer(&signed, now)?;
         debug!(origin = %hex_short(&identity), "authority tombstone");
         self.push_to_some(identity, self.config.push_fanout, None);
@@ -615,7 +699,7 @@ where
             link: None,
             tokens: 0.0,
             refilled: None,
-            queue: BTreeSet::new(),
+            queue: BTreeMap::new(),
             last_sync: None,
             last_heard: None,
         });
@@ -659,15 +743,17 @@ where
                 self.on_digest(&from, lo, hi, &entries, now);
                 Ok(())
             }
-            Message::Request(shorts) => {
-                for s in shorts {
-                    if let Some(id) = self.by_short.get(&s).copied() {
-                        self.enqueue(&from, id);
+            Message::Request(wants) => {
+                for (s, have) in wants {
+                    if let Some(e) = self.by_short.get(&s).and_then(|id| self.entries.get(id)) {
+                        let (id, base) = (e.rec.identity, e.delta_base(have));
+                        self.enqueue(&from, id, base);
                     }
                 }
                 Ok(())
             }
             Message::Records(recs) => self.on_records(&from, &recs, now),
+            Message::Delta(deltas) => self.on_deltas(&from, &deltas, now),
         };
         self.flush(now);
         result
@@ -736,13 +822,15 @@ where
     /// Every signed record and tombstone, encoded for persistence (the shell writes it
     /// atomically).
     pub fn export_state(&self) -> Vec<u8> {
-        codec::encode_state(
+        let state = codec::encode_state(
             self.entries
                 .values()
                 .map(|e| &*e.signed)
                 .collect::<Vec<_>>()
                 .into_iter(),
-        )
+        );
+        self.exported_len.set(Some(state.len()));
+        state
     }
 
     /// Restores persisted state, re-verifying every record; returns how many were accepted.
@@ -752,8 +840,14 @@ where
         let mut n = 0;
         for r in &recs {
             match self.offer(r, now) {
-                Ok(Offer::Accepted) => n += 1,
-                Ok(Offer::Stale) => {}
+                Ok(Offered {
+                    offer: Offer::Accepted,
+                    ..
+                }) => n += 1,
+                Ok(Offered {
+                    offer: Offer::Stale,
+                    ..
+                }) => {}
                 Err(e) => debug!(error = %e, "persisted record refused"),
             }
         }
@@ -768,7 +862,10 @@ where
         SyncStatus {
             records: self.records().count(),
             tombstones: self.entries.values().filter(|e| e.rec.deleted).count(),
-            state_bytes: self.export_state().len(),
+            state_bytes: self
+                .exported_len
+                .get()
+                .unwrap_or_else(|| self.export_state().len()),
             state_hash: self
                 .state_hash()
                 .iter()
@@ -811,8 +908,9 @@ where
     /// Signs `rec` at the next own version, installs it and pushes it first.
     fn publish_own(&mut self, mut rec: NodeRecord, now: Instant) -> Result<(), Error> {
         rec.identity = self.own_id;
+        rec.wg_key = self.signing.wg_public();
         rec.version = self.own.version + 1;
-        let signed = sign(&self.signing, &rec, Signer::Origin);
+        let signed = sign(&rec, Signer::Origin, |m| self.signing.sign(m));
         if signed.len() > MAX_RECORD {
             return Err(Error::OwnRecordTooLarge(signed.len()));
         }
@@ -841,12 +939,13 @@ where
         }
         self.own = rec.clone();
         let rec = Arc::new(rec);
-        self.insert(rec, signed.into(), now);
+        self.insert(rec, signed.into(), Signer::Origin, now);
         debug!(
             version = self.own.version,
             deleted = self.own.deleted,
             "own record published"
         );
+        // The partners were sent the previous version: a delta from it reaches most of them.
         self.push_to_some(self.own_id, self.config.push_fanout, None);
         self.flush(now);
         Ok(())
@@ -866,11 +965,11 @@ where
         }
     }
 
-    /// Offers one signed record from a peer or from persisted state.
-    fn offer(&mut self, bytes: &[u8], now: Instant) -> Result<Offer, Error> {
+    /// Offers one signed record from a peer, a rebuilt delta or persisted state.
+    fn offer(&mut self, bytes: &[u8], now: Instant) -> Result<Offered, Error> {
         match self.try_offer(bytes, now) {
             Ok(o) => {
-                match o {
+                match o.offer {
                     Offer::Accepted => self.stats.accepted += 1,
                     Offer::Stale => self.stats.stale += 1,
                 }
@@ -888,11 +987,11 @@ where
         }
     }
 
-    fn try_offer(&mut self, bytes: &[u8], now: Instant) -> Result<Offer, Error> {
+    fn try_offer(&mut self, bytes: &[u8], now: Instant) -> Result<Offered, Error> {
         if bytes.len() > MAX_RECORD {
             return Err(Reject::TooLarge.into());
         }
-        let (rec, signer, body, sig) = codec::decode_signed(bytes)?;
+        let (rec, signer, body, sig) = codec::decode_signed_with(bytes, |wg| self.identity_of(wg))?;
         if rec.version == 0 {
             return Err(Reject::VersionZero.into());
         }
@@ -902,13 +1001,18 @@ where
         let id = rec.identity;
         let short = short_id(&id);
         let key = version_key(rec.version, rec.deleted);
+        let stale = Offered {
+            offer: Offer::Stale,
+            id,
+            key,
+        };
         if self.below_floor(short, &id, rec.version) {
-            return Ok(Offer::Stale);
+            return Ok(stale);
         }
         if let Some(e) = self.entries.get(&id) {
             let cur = e.key();
             if &*e.signed == bytes || key < cur || (key == cur && rec.deleted) {
-                return Ok(Offer::Stale);
+                return Ok(stale);
             }
         }
         let signer_key = match signer {
@@ -920,7 +1024,8 @@ where
         };
         self.verify(&signer_key, body, &sig)?;
         if id == self.own_id {
-            return self.offer_own(rec, signer, bytes, now);
+            let offer = self.offer_own(rec, signer, bytes, now)?;
+            return Ok(Offered { offer, id, key });
         }
         if self.entries.get(&id).is_some_and(|e| e.key() == key) {
             return Err(Reject::Equivocation.into());
@@ -947,7 +1052,7 @@ where
             .filter(|e| !e.rec.deleted)
             .map(|e| e.rec.name.clone());
         let rec = Arc::new(rec);
-        self.insert(rec.clone(), bytes.into(), now);
+        self.insert(rec.clone(), bytes.into(), signer, now);
         debug!(origin = %hex_short(&id), version = rec.version, deleted = rec.deleted, "record accepted");
         if rec.deleted {
             if let Some(name) = was_live {
@@ -957,7 +1062,11 @@ where
         } else {
             self.events.push_back(Event::RecordUpserted(rec));
         }
-        Ok(Offer::Accepted)
+        Ok(Offered {
+            offer: Offer::Accepted,
+            id,
+            key,
+        })
     }
 
     /// A copy of the own record came back: an authority tombstone deletes this node; an own
@@ -977,7 +1086,7 @@ where
             Signer::Authority => {
                 self.own.version = rec.version;
                 let name = rec.name.clone();
-                self.insert(Arc::new(rec), bytes.into(), now);
+                self.insert(Arc::new(rec), bytes.into(), Signer::Authority, now);
                 debug!("own record deleted by the authority");
                 self.events.push_back(Event::RecordRemoved {
                     identity: self.own_id,
@@ -991,6 +1100,7 @@ where
                     "own version continues above an earlier incarnation's"
                 );
                 self.own.version = rec.version;
+                self.own_base = Some(Arc::new(rec));
                 let current = self.own.clone();
                 self.publish_own(current, now)?;
                 Ok(Offer::Stale)
@@ -1015,18 +1125,38 @@ where
         {
             return Ok(());
         }
-        let vk = VerifyingKey::from_bytes(key).map_err(|_| Reject::BadSignature)?;
         let mut msg = Vec::with_capacity(SIG_CONTEXT.len() + body.len());
         msg.extend_from_slice(SIG_CONTEXT);
         msg.extend_from_slice(body);
-        vk.verify(&msg, &Signature::from_bytes(sig))
-            .map_err(|_| Reject::BadSignature)?;
+        if !xeddsa::verify(key, &msg, sig) {
+            return Err(Reject::BadSignature);
+        }
         if let (Some(cache), Some(k)) = (&self.verify_cache, cache_key)
             && let Ok(mut s) = cache.seen.lock()
         {
             s.insert(k);
         }
         Ok(())
+    }
+
+    /// [`xeddsa::identity_of`], through the shared cache if there is one.
+    fn identity_of(&self, wg_key: &[u8; 32]) -> Option<[u8; 32]> {
+        let Some(cache) = &self.verify_cache else {
+            return xeddsa::identity_of(wg_key);
+        };
+        if let Some(id) = cache
+            .identities
+            .lock()
+            .ok()
+            .and_then(|m| m.get(wg_key).copied())
+        {
+            return Some(id);
+        }
+        let id = xeddsa::identity_of(wg_key)?;
+        if let Ok(mut m) = cache.identities.lock() {
+            m.insert(*wg_key, id);
+        }
+        Some(id)
     }
 
     fn below_floor(&self, short: u64, id: &[u8; 32], version: u64) -> bool {
@@ -1068,9 +1198,20 @@ where
         }
     }
 
-    fn insert(&mut self, rec: Arc<NodeRecord>, signed: Arc<[u8]>, now: Instant) {
+    fn insert(&mut self, rec: Arc<NodeRecord>, signed: Arc<[u8]>, signer: Signer, now: Instant) {
         let id = rec.identity;
         self.remove_indexes(&id);
+        let echoed = if id == self.own_id {
+            self.own_base.take()
+        } else {
+            None
+        };
+        let prev = echoed.or_else(|| {
+            self.entries
+                .get(&id)
+                .filter(|e| e.signer == Signer::Origin)
+                .map(|e| e.rec.clone())
+        });
         let short = short_id(&id);
         if !rec.deleted {
             self.names.insert(rec.name.clone(), id);
@@ -1085,6 +1226,8 @@ where
             expires: rec.deleted.then(|| now + self.config.tombstone_ttl),
             rec,
             signed,
+            signer,
+            prev,
             short,
             seq: self.seq,
         };
@@ -1135,7 +1278,7 @@ where
             link: None,
             tokens: 0.0,
             refilled: None,
-            queue: BTreeSet::new(),
+            queue: BTreeMap::new(),
             last_sync: None,
             last_heard: None,
         })
@@ -1169,15 +1312,28 @@ where
         out
     }
 
+    /// Pushes a record that just changed to `k` peers, as a delta from the version it
+    /// replaced: the chosen peers most likely hold that one, and those that do not ask for the
+    /// full record.
     fn push_to_some(&mut self, id: [u8; 32], k: usize, exclude: Option<&P>) {
+        let base = self.entries.get(&id).and_then(Entry::delta_from);
         for p in self.choose_peers(k, exclude) {
-            self.enqueue(&p, id);
+            self.enqueue(&p, id, base);
         }
     }
 
-    fn enqueue(&mut self, peer: &P, id: [u8; 32]) {
+    /// Queues a record for a peer: as a delta from `base` if given, else in full. A full
+    /// request wins over a delta, and two different bases make it full.
+    fn enqueue(&mut self, peer: &P, id: [u8; 32], base: Option<u64>) {
         if let Some(p) = self.peers.get_mut(peer) {
-            p.queue.insert(id);
+            p.queue
+                .entry(id)
+                .and_modify(|b| {
+                    if *b != base {
+                        *b = None;
+                    }
+                })
+                .or_insert(base);
             self.dirty.insert(peer.clone());
         }
     }
@@ -1260,8 +1416,10 @@ where
             let Some(e) = self.entries.get(id) else {
                 continue;
             };
-            if theirs.get(s).is_none_or(|k| *k < e.key()) {
-                push.push(*id);
+            match theirs.get(s) {
+                None => push.push((*id, None)),
+                Some(k) if *k < e.key() => push.push((*id, e.delta_base(*k))),
+                Some(_) => {}
             }
         }
         let mut want = Vec::new();
@@ -1305,15 +1463,27 @@ where
         }
         trace!(peer = ?from, push = push.len(), want = want.len(), "digest diff");
         self.mark_changed(now);
-        for id in push {
-            self.enqueue(from, id);
+        for (id, base) in push {
+            self.enqueue(from, id, base);
         }
         self.send_requests(from, want, now);
         self.update_next_retry();
     }
 
+    /// Asks for records by short id, saying which version of each is held here.
     fn send_requests(&mut self, to: &P, shorts: Vec<u64>, now: Instant) {
-        for chunk in shorts.chunks(REQUEST_CHUNK) {
+        let wants: Vec<(u64, u64)> = shorts
+            .into_iter()
+            .map(|s| {
+                let have = self
+                    .by_short
+                    .get(&s)
+                    .and_then(|id| self.entries.get(id))
+                    .map_or(0, Entry::key);
+                (s, have)
+            })
+            .collect();
+        for chunk in wants.chunks(REQUEST_CHUNK) {
             self.send_control(to, &Message::Request(chunk.to_vec()), now);
         }
     }
@@ -1321,29 +1491,106 @@ where
     fn on_records(&mut self, from: &P, recs: &[Vec<u8>], now: Instant) -> Result<(), Error> {
         let mut first_err = None;
         for bytes in recs {
-            match self.offer(bytes, now) {
-                Ok(Offer::Accepted) => {
-                    if let Ok((rec, ..)) = codec::decode_signed(bytes)
-                        && rec.identity != self.own_id
-                    {
-                        self.push_to_some(rec.identity, self.config.forward_fanout, Some(from));
-                    }
-                }
-                Ok(Offer::Stale) => {
-                    // The sender has something older: answer with ours.
-                    if let Ok((rec, ..)) = codec::decode_signed(bytes)
-                        && self
-                            .entries
-                            .get(&rec.identity)
-                            .is_some_and(|e| e.key() > version_key(rec.version, rec.deleted))
-                    {
-                        self.enqueue(from, rec.identity);
-                    }
-                }
-                Err(e) => {
-                    first_err.get_or_insert(e);
+            if let Err(e) = self.offer_from(from, bytes, now) {
+                first_err.get_or_insert(e);
+            }
+        }
+        self.update_next_retry();
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Offers a record a peer sent (in full or as a delta) and follows up: forwards what is
+    /// new (rumor), answers a sender that is behind with the newer copy.
+    fn offer_from(&mut self, from: &P, bytes: &[u8], now: Instant) -> Result<(), Error> {
+        let o = self.offer(bytes, now)?;
+        match o.offer {
+            Offer::Accepted => {
+                if o.id != self.own_id {
+                    self.push_to_some(o.id, self.config.forward_fanout, Some(from));
                 }
             }
+            Offer::Stale => {
+                // The sender has something older: answer with ours.
+                if let Some(e) = self.entries.get(&o.id)
+                    && e.key() > o.key
+                {
+                    let base = e.delta_base(o.key);
+                    self.enqueue(from, o.id, base);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies deltas to the base versions held here. A delta whose base is missing is
+    /// ignored and the full record asked for; a rebuilt record goes through the same checks
+    /// as a full one, so a forged delta is rejected (and counted) as a bad signature.
+    fn on_deltas(&mut self, from: &P, deltas: &[Delta], now: Instant) -> Result<(), Error> {
+        let mut first_err = None;
+        let mut want = Vec::new();
+        for d in deltas {
+            let entry = self
+                .by_short
+                .get(&d.short)
+                .and_then(|id| self.entries.get(id));
+            let floored = self
+                .floors
+                .get(&d.short)
+                .is_some_and(|(_, v)| d.version <= *v);
+            if floored || entry.is_some_and(|e| e.rec.version >= d.version) {
+                self.stats.stale += 1;
+                if let Some(e) = entry
+                    && e.rec.version > d.version
+                {
+                    // The sender is behind; it holds at least the delta's version.
+                    let (id, base) = (e.rec.identity, e.delta_base(version_key(d.version, false)));
+                    self.enqueue(from, id, base);
+                }
+                continue;
+            }
+            let base = entry.filter(|e| e.rec.version == d.base && e.signer == Signer::Origin);
+            let Some(e) = base else {
+                self.stats.deltas_no_base += 1;
+                trace!(peer = ?from, short = d.short, base = d.base, "delta without its base");
+                let wanted = version_key(d.version, false);
+                let busy = self
+                    .pending
+                    .get(&d.short)
+                    .is_some_and(|p| p.want >= wanted && p.deadline > now);
+                if !busy {
+                    want.push(d.short);
+                    self.pending.insert(
+                        d.short,
+                        Pending {
+                            peer: from.clone(),
+                            want: wanted,
+                            deadline: now + self.config.request_timeout,
+                            retries: 0,
+                        },
+                    );
+                }
+                continue;
+            };
+            let Some(rec) = d.apply(&e.rec) else {
+                self.stats.malformed += 1;
+                trace!(peer = ?from, short = d.short, "delta does not fit its base");
+                first_err.get_or_insert(DecodeError::DeltaMismatch.into());
+                continue;
+            };
+            let mut bytes = Vec::with_capacity(e.signed.len() + 16);
+            codec::encode_record(&rec, Signer::Origin, &mut bytes);
+            bytes.extend_from_slice(&d.signature);
+            self.stats.deltas_applied += 1;
+            if let Err(e) = self.offer_from(from, &bytes, now) {
+                first_err.get_or_insert(e);
+            }
+        }
+        if !want.is_empty() {
+            self.mark_changed(now);
+            self.send_requests(from, want, now);
         }
         self.update_next_retry();
         match first_err {
@@ -1508,40 +1755,59 @@ where
 
     /// Sends what fits; returns when to try again if records are left.
     fn flush_peer(&mut self, peer: &P, now: Instant) -> Option<Instant> {
-        let queue: Vec<[u8; 32]> = self.peers.get(peer)?.queue.iter().copied().collect();
-        let mut order: Vec<(bool, u64, [u8; 32])> = queue
+        let queue: Vec<([u8; 32], Option<u64>)> = self
+            .peers
+            .get(peer)?
+            .queue
             .iter()
-            .filter_map(|id| {
+            .map(|(id, base)| (*id, *base))
+            .collect();
+        let mut order: Vec<(bool, u64, [u8; 32], Option<u64>)> = queue
+            .iter()
+            .filter_map(|(id, base)| {
                 self.entries
                     .get(id)
-                    .map(|e| (*id == self.own_id, e.seq, *id))
+                    .map(|e| (*id == self.own_id, e.seq, *id, *base))
             })
             .collect();
         // Own record first, then the most recently learned.
         order.sort_by(|a, b| b.cmp(a));
         if let Some(p) = self.peers.get_mut(peer) {
-            p.queue.retain(|id| self.entries.contains_key(id));
+            p.queue.retain(|id, _| self.entries.contains_key(id));
         }
-        let mut batch: Vec<[u8; 32]> = Vec::new();
+        // Runs of one kind in send order, each cut at RAW_TARGET bytes (a delta counted at its
+        // record's size: it is never larger, and encode_fit splits what does not fit).
+        let mut batches: Vec<Batch> = Vec::new();
         let mut raw = 0;
-        let mut batches = Vec::new();
-        for (_, _, id) in order {
+        for (_, _, id, base) in order {
             let Some(e) = self.entries.get(&id) else {
                 continue;
             };
             let n = e.signed.len() + 2;
-            if raw + n > RAW_TARGET && !batch.is_empty() {
-                batches.push(std::mem::take(&mut batch));
-                raw = 0;
+            let delta = base.and_then(|b| delta_of(e, b));
+            let fits = raw + n <= RAW_TARGET;
+            match (batches.last_mut(), delta) {
+                (Some(Batch::Deltas(v)), Some(d)) if fits => v.push((id, d)),
+                (Some(Batch::Records(v)), None) if fits => v.push((id, e.signed.clone())),
+                (Some(_) | None, Some(d)) => {
+                    raw = 0;
+                    batches.push(Batch::Deltas(vec![(id, d)]));
+                }
+                (Some(_) | None, None) => {
+                    raw = 0;
+                    batches.push(Batch::Records(vec![(id, e.signed.clone())]));
+                }
             }
             raw += n;
-            batch.push(id);
-        }
-        if !batch.is_empty() {
-            batches.push(batch);
         }
         for b in batches {
-            for (ids, payload) in self.encode_records_fit(b) {
+            let encoded = match b {
+                Batch::Records(v) => encode_fit(v, &|recs: Vec<Arc<[u8]>>| {
+                    Message::Records(recs.iter().map(|r| r.to_vec()).collect())
+                }),
+                Batch::Deltas(v) => encode_fit(v, &Message::Delta),
+            };
+            for (ids, kind, payload) in encoded {
                 if !self.try_spend(peer, payload.len(), now) {
                     return Some(self.budget_ready_at(peer, payload.len(), now));
                 }
@@ -1550,28 +1816,50 @@ where
                         p.queue.remove(id);
                     }
                 }
-                self.emit(peer, Kind::Records, payload);
+                self.emit(peer, kind, payload);
             }
         }
         None
     }
+}
 
-    /// Encodes records into datagrams of at most [`MAX_DATAGRAM`] bytes, splitting as needed.
-    fn encode_records_fit(&self, ids: Vec<[u8; 32]>) -> Vec<(Vec<[u8; 32]>, Vec<u8>)> {
-        let recs: Vec<Vec<u8>> = ids
-            .iter()
-            .filter_map(|id| self.entries.get(id).map(|e| e.signed.to_vec()))
-            .collect();
-        let payload = Message::Records(recs).encode();
-        if payload.len() <= MAX_DATAGRAM || ids.len() <= 1 {
-            return vec![(ids, payload)];
-        }
-        let mut left = ids;
-        let right = left.split_off(left.len() / 2);
-        let mut out = self.encode_records_fit(left);
-        out.extend(self.encode_records_fit(right));
-        out
+/// Records bound for one datagram (or a few, if they do not fit one).
+enum Batch {
+    Records(Vec<([u8; 32], Arc<[u8]>)>),
+    Deltas(Vec<([u8; 32], Delta)>),
+}
+
+/// Encodes items into datagrams of at most [`MAX_DATAGRAM`] bytes, splitting as needed.
+fn encode_fit<T: Clone>(
+    items: Vec<([u8; 32], T)>,
+    msg: &impl Fn(Vec<T>) -> Message,
+) -> Vec<(Vec<[u8; 32]>, Kind, Vec<u8>)> {
+    let m = msg(items.iter().map(|(_, t)| t.clone()).collect());
+    let payload = m.encode();
+    if payload.len() <= MAX_DATAGRAM || items.len() <= 1 {
+        return vec![(
+            items.into_iter().map(|(id, _)| id).collect(),
+            m.kind(),
+            payload,
+        )];
     }
+    let mut left = items;
+    let right = left.split_off(left.len() / 2);
+    let mut out = encode_fit(left, msg);
+    out.extend(encode_fit(right, msg));
+    out
+}
+
+/// The delta from `base` to the entry's record, if the entry replaced that version and both
+/// are signed by the origin.
+fn delta_of(e: &Entry, base: u64) -> Option<Delta> {
+    let prev = e.prev.as_ref()?;
+    if e.signer != Signer::Origin || prev.version != base {
+        return None;
+    }
+    let split = e.signed.len().checked_sub(codec::SIG_LEN)?;
+    let sig: [u8; codec::SIG_LEN] = e.signed.get(split..)?.try_into().ok()?;
+    Some(Delta::between(e.short, prev, &e.rec, sig))
 }
 
 /// `version << 1 | deleted`: the order in which records of one origin supersede each other.
@@ -1622,15 +1910,15 @@ fn cidrs_self_overlap(rec: &NodeRecord) -> bool {
     })
 }
 
-/// `body || signature` over the canonical body.
-fn sign(key: &SigningKey, rec: &NodeRecord, signer: Signer) -> Vec<u8> {
+/// `body || signature` over the canonical body; `sign` signs `SIG_CONTEXT || body` (XEdDSA
+/// with the node key for [`Signer::Origin`], ed25519 with the authority key otherwise).
+fn sign(rec: &NodeRecord, signer: Signer, sign: impl FnOnce(&[u8]) -> [u8; 64]) -> Vec<u8> {
     let mut body = Vec::with_capacity(256);
     codec::encode_record(rec, signer, &mut body);
     let mut msg = Vec::with_capacity(SIG_CONTEXT.len() + body.len());
     msg.extend_from_slice(SIG_CONTEXT);
     msg.extend_from_slice(&body);
-    let sig = key.sign(&msg);
-    body.extend_from_slice(&sig.to_bytes());
+    body.extend_from_slice(&sign(&msg));
     body
 }
 

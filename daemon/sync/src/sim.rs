@@ -50,7 +50,7 @@ impl Default for NetConfig {
 pub struct SimNode {
     /// The system under test.
     pub sut: Replica<u32>,
-    /// Its identity secret (for restarts).
+    /// Its WireGuard private key, the one key it signs with (for restarts).
     pub secret: [u8; 32],
     /// Whether it runs.
     pub up: bool,
@@ -115,7 +115,7 @@ impl Ord for Scheduled {
     }
 }
 
-/// Deterministic identity secret of node `i`.
+/// Deterministic WireGuard private key of node `i`.
 pub fn secret_of(seed: u64, i: u32) -> [u8; 32] {
     let mut s = [0u8; 32];
     s[..8].copy_from_slice(&seed.to_le_bytes());

@@ -113,6 +113,45 @@ fn partition_heals_and_converges() {
         .map(|r| r.version)
         .collect();
     assert_eq!(versions, vec![2; 4]);
+    // The other side held version 1 of each changed record: it got deltas.
+    let applied: u64 = sim.nodes.iter().map(|n| n.sut.stats().deltas_applied).sum();
+    assert!(applied > 0);
+}
+
+#[test]
+fn node_that_missed_changes_ignores_their_deltas_and_catches_up() {
+    let t0 = Instant::now();
+    let mut sim = converged_mesh(30, Config::default(), t0);
+    sim.nodes[5].up = false;
+    for zone in ["a", "b"] {
+        sim.with(7, |r, now| {
+            r.update_own(|rec| rec.zone = zone.into(), now).unwrap()
+        });
+        sim.run_for(secs(5));
+    }
+    sim.nodes[5].up = true;
+    sim.with(5, |_, _| ());
+    // The next change reaches node 5 as deltas from version 3, which it lacks.
+    sim.with(7, |r, now| {
+        r.update_own(|rec| rec.zone = "c".into(), now).unwrap()
+    });
+    let back = sim.now;
+    let at = sim
+        .run_until(back + secs(60), Duration::from_millis(100), |s| {
+            s.converged()
+        })
+        .expect("caught up");
+    assert_converged(&sim);
+    let node5 = sim.nodes[5].sut.stats();
+    assert!(node5.deltas_no_base > 0, "{node5:?}");
+    assert!(
+        sim.nodes[5]
+            .sut
+            .records()
+            .any(|r| r.zone == "c" && r.version == 4)
+    );
+    eprintln!("caught up: {:?}", at - back);
+    assert!(at - back < secs(20));
 }
 
 #[test]

@@ -1,6 +1,10 @@
 //! Control-channel cost of `mistnet-sync`, measured in simulation (no root, deterministic):
-//! full-state size against Kubernetes JSON objects, bytes per change, steady-state chatter, and
-//! recovery after a partition (300 ms RTT, 5% loss).
+//! full-state size against Kubernetes JSON objects, bytes per change (as a delta and as a full
+//! record), steady-state chatter, and recovery after a partition (300 ms RTT, 5% loss).
+//!
+//! The anchors carry the same information as a record: a custom resource per node, a minimal
+//! v1 Node, and the custom resource as the API server serves it (lists and watch events), that
+//! is with the `metadata.managedFields` entry every server-side apply leaves.
 //!
 //! Usage: `sync-bench [--json]`.
 #![allow(clippy::print_stdout)]
@@ -8,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use mistnet_sync::codec;
+use mistnet_sync::codec::{self, Message};
 use mistnet_sync::sim::{NetConfig, Sim, Topology, sample_record, secret_of};
 use mistnet_sync::{Config, LinkInfo, NodeRecord, Replica};
 use serde_json::{Value, json};
@@ -37,8 +41,8 @@ fn main() -> Result<()> {
     )
     .context("collector replica")?;
     let mut crd = 0usize;
+    let mut served = 0usize;
     let mut node_json = 0usize;
-    let mut one_crd = String::new();
     for i in 0..NODES {
         let r = Replica::<u32>::new(
             Config::default(),
@@ -49,12 +53,9 @@ fn main() -> Result<()> {
         )
         .with_context(|| format!("replica {i}"))?;
         all.import_state(&r.export_state(), t0).context("import")?;
-        let c = serde_json::to_string(&crd_object(r.own()))?;
-        crd += c.len();
+        crd += serde_json::to_string(&crd_object(r.own()))?.len();
+        served += serde_json::to_string(&served_object(r.own()))?.len();
         node_json += serde_json::to_string(&node_object(r.own()))?.len();
-        if i == 1 {
-            one_crd = c;
-        }
     }
     let own_id = all.identity();
     let recs: Vec<Vec<u8>> = codec::decode_state(&all.export_state())
@@ -68,8 +69,10 @@ fn main() -> Result<()> {
         "full state, 1000 nodes".into(),
         json!({
             "ours_raw_bytes": raw, "ours_zstd_bytes": zstd,
-            "crd_json_bytes": crd, "node_json_bytes": node_json,
-            "ratio_vs_crd": zstd as f64 / crd as f64, "ratio_vs_node": zstd as f64 / node_json as f64,
+            "crd_json_bytes": crd, "served_crd_json_bytes": served, "node_json_bytes": node_json,
+            "ratio_vs_crd": zstd as f64 / crd as f64,
+            "ratio_vs_served_crd": zstd as f64 / served as f64,
+            "ratio_vs_node": zstd as f64 / node_json as f64,
         }),
     ));
 
@@ -90,14 +93,31 @@ fn main() -> Result<()> {
     );
     while a.poll_transmit().is_some() {}
     a.update_own(|r| r.endpoints[0].addr.set_port(51821), t0)?;
-    let delta = a.poll_transmit().context("pushed delta")?.payload.len();
-    let watch_event = serde_json::to_string(
-        &json!({"type": "MODIFIED", "object": serde_json::from_str::<Value>(&one_crd)?}),
-    )?
-    .len();
+    // A peer holding the previous version gets the push as a delta ...
+    let pushed = a.poll_transmit().context("pushed delta")?.payload;
+    if !matches!(Message::decode(&pushed), Ok(Message::Delta(_))) {
+        bail!("the push of an own change is not a delta");
+    }
+    let delta = pushed.len();
+    // ... one that does not asks for the record and gets it whole.
+    let short = u64::from_be_bytes(a.identity()[..8].try_into()?);
+    a.handle_message(2, &Message::Request(vec![(short, 0)]).encode(), t0)?;
+    let full = a.poll_transmit().context("full record")?.payload.len();
+    let watch_event =
+        serde_json::to_string(&json!({"type": "MODIFIED", "object": crd_object(a.own())}))?.len();
+    let served_event =
+        serde_json::to_string(&json!({"type": "MODIFIED", "object": served_object(a.own())}))?
+            .len();
     rows.push((
         "one record update".into(),
-        json!({"ours_bytes": delta, "watch_event_json_bytes": watch_event, "ratio": delta as f64 / watch_event as f64}),
+        json!({
+            "delta_bytes": delta, "full_record_bytes": full,
+            "watch_event_json_bytes": watch_event, "served_watch_event_json_bytes": served_event,
+            "delta_ratio_vs_crd": delta as f64 / watch_event as f64,
+            "delta_ratio_vs_served_crd": delta as f64 / served_event as f64,
+            "full_ratio_vs_crd": full as f64 / watch_event as f64,
+            "full_ratio_vs_served_crd": full as f64 / served_event as f64,
+        }),
     ));
 
     // 3. Steady state.
@@ -216,7 +236,8 @@ fn b64(k: &[u8; 32]) -> String {
     out
 }
 
-/// A Kilo/CiliumNode-like custom resource carrying the same information.
+/// A Kilo/CiliumNode-like custom resource carrying the same information (the WireGuard key is
+/// the node's one key, so no identity annotation).
 fn crd_object(r: &NodeRecord) -> Value {
     json!({
         "apiVersion": "mistnet.io/v1alpha1",
@@ -228,7 +249,6 @@ fn crd_object(r: &NodeRecord) -> Value {
             "generation": r.version,
             "creationTimestamp": "2025-01-14T09:12:44Z",
             "labels": {"topology.kubernetes.io/zone": r.zone, "kubernetes.io/hostname": r.name},
-            "annotations": {"mistnet.io/identity": b64(&r.identity)},
         },
         "spec": {
             "wireguardPublicKey": b64(&r.wg_key),
@@ -242,6 +262,30 @@ fn crd_object(r: &NodeRecord) -> Value {
     })
 }
 
+/// The custom resource as the API server serves it in lists and watch events: an object written
+/// by server-side apply (field manager `mistnetd`) carries the manager's entry in
+/// `metadata.managedFields`, listing every field it owns.
+fn served_object(r: &NodeRecord) -> Value {
+    let mut obj = crd_object(r);
+    obj["metadata"]["managedFields"] = json!([{
+        "manager": "mistnetd",
+        "operation": "Apply",
+        "apiVersion": "mistnet.io/v1alpha1",
+        "time": "2026-12-03T09:12:44Z",
+        "fieldsType": "FieldsV1",
+        "fieldsV1": {
+            "f:metadata": {
+                "f:labels": {"f:kubernetes.io/hostname": {}, "f:topology.kubernetes.io/zone": {}},
+            },
+            "f:spec": {
+                "f:endpoints": {}, "f:podCIDRs": {}, "f:signature": {}, "f:tunnelAddresses": {},
+                "f:version": {}, "f:wireguardPublicKey": {}, "f:zone": {},
+            },
+        },
+    }]);
+    obj
+}
+
 /// A v1 Node with only the fields that carry the same information (as Kilo annotates nodes).
 fn node_object(r: &NodeRecord) -> Value {
     json!({
@@ -252,7 +296,6 @@ fn node_object(r: &NodeRecord) -> Value {
             "labels": {"topology.kubernetes.io/zone": r.zone},
             "annotations": {
                 "mistnet.io/wireguard-key": b64(&r.wg_key),
-                "mistnet.io/identity": b64(&r.identity),
                 "mistnet.io/endpoints": r.endpoints.iter().map(|e| format!("{}={}:{}", e.iface, e.addr, e.cost)).collect::<Vec<_>>().join(","),
                 "mistnet.io/tunnel": r.tunnel_addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
             },
