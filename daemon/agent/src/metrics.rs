@@ -267,6 +267,21 @@ fn render_sync(out: &mut String, sync: &Value) {
             let _ = writeln!(out, "{name}{{type=\"{kind}\"}} {}", num(v));
         }
     }
+    for (field, name, help) in [
+        (
+            "deltas_applied",
+            "sync_deltas_applied_total",
+            "Field deltas applied onto a record held at their base version.",
+        ),
+        (
+            "deltas_no_base",
+            "sync_deltas_no_base_total",
+            "Field deltas whose base version was not held (the full record is requested).",
+        ),
+    ] {
+        header(out, name, "counter", help);
+        let _ = writeln!(out, "{name} {}", num(&stats[field]));
+    }
     header(
         out,
         "sync_rejected_total",
@@ -324,7 +339,7 @@ mod tests {
             "nacksSent": 7,
             "peers": [{"name": "n2", "repair": {"mode": "repair", "resent": 9}, "paths": {"active": "wlan0 -> 10.99.0.2:51820", "mode": "redundant",
                 "paths": [{"path": "wlan0 -> 10.99.0.2:51820", "state": "up", "srttMs": 12.0, "lossPct": 5.0}]}}],
-            "sync": {"records": 3, "stats": {"tx_bytes": {"digest": 10}, "rejected": {"bad_signature": 1}},
+            "sync": {"records": 3, "stats": {"tx_bytes": {"digest": 10}, "rejected": {"bad_signature": 1}, "deltas_applied": 4},
                 "peers": [{"peer": "n2", "last_sync_ms_ago": 1500}]},
         });
         let text = render(&status);
@@ -364,7 +379,8 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("sync_rejected_total{reason=\"bad_signature\"} 1\n"),
+            text.contains("sync_deltas_applied_total 4\n")
+                && text.contains("sync_rejected_total{reason=\"bad_signature\"} 1\n"),
             "{text}"
         );
         assert!(
