@@ -218,10 +218,11 @@ pub fn status(shared: &Shared, facts: &NodeFacts) -> Value {
                         })).collect::<Vec<_>>(),
                     })
                 });
-            let (mode, wish, r) = core.repair_status(id);
+            let (mode, wish, r, (missing, in_time, arrived)) = core.repair_status(id);
             let repair = json!({
                 "mode": mode, "wish": wish, "nacks": r.nacks, "resent": r.resent,
                 "missed": r.missed, "repairEntered": r.repair_entered,
+                "evidence": {"missing": missing, "inTime": in_time, "arrived": arrived},
             });
             Some(json!({
                 "name": name,

@@ -200,7 +200,11 @@ impl Core {
                 continue;
             };
             let both = rtt + srtt(secondary).unwrap_or(rtt);
-            if self.repair_enabled && judge.update(now, buf.worth_holding(), both) {
+            // A resend lands about a one-way trip on each path after the gap shows (the nack
+            // on the active path, the resend on the second), plus a receive batch and a timer
+            // tick: copies later than that are worse than repair.
+            buf.set_horizon(both / 2 + Duration::from_millis(5));
+            if self.repair_enabled && judge.update(now, !buf.copies_missing(), both) {
                 buf.reset_evidence();
             }
             let limit = if judge.wants_repair() {
@@ -296,8 +300,11 @@ impl Core {
     }
 
     /// A peer's selective repair: how this node sends to it, the mode this node's nacks
-    /// wish of it, and the sending side's counters.
-    pub fn repair_status(&self, peer: PeerId) -> (RepairMode, RepairMode, RepairStats) {
+    /// wish of it, the sending side's counters, and the receiving side's evidence.
+    pub fn repair_status(
+        &self,
+        peer: PeerId,
+    ) -> (RepairMode, RepairMode, RepairStats, (f64, f64, f64)) {
         let (mode, stats) = self
             .repair
             .get(&peer)
@@ -305,7 +312,11 @@ impl Core {
                 (r.mode(), r.stats())
             });
         let wish = self.judges.get(&peer).map_or(RepairMode::Copy, Judge::mode);
-        (mode, wish, stats)
+        let evidence = self
+            .reorder
+            .get(&peer)
+            .map_or((0.0, 0.0, 0.0), |(_, b)| b.evidence());
+        (mode, wish, stats, evidence)
     }
 
     /// Nacks sent by this node, and their wire bytes.

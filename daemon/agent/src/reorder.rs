@@ -34,6 +34,12 @@ const MIN_HOLD: Duration = Duration::from_millis(5);
 const MAX_HELD: usize = 256;
 /// Missing packets counted before the buffer judges whether holding pays off.
 const MIN_EVIDENCE: f64 = 20.0;
+/// Missing packets counted before the buffer says copies go missing (a switch of the peer's
+/// sending mode follows, so it wants more evidence than holding does).
+const MIN_REPAIR_EVIDENCE: f64 = 50.0;
+/// Share of missing packets below which copies count as going missing: a second path that
+/// drops or queues half of them is too small for them, one that loses a few is not.
+const COPIES_ARRIVE: f64 = 0.5;
 /// Share of missing packets that must turn up in time for holding to pay off.
 const WORTH_HOLDING: f64 = 0.75;
 /// Evidence is halved past this, so the judgement follows changing links.
@@ -61,6 +67,11 @@ pub struct Reorder {
     missing: f64,
     /// Of those, packets that turned up in time, decayed.
     recovered: f64,
+    /// Of those, packets that turned up within the horizon at all, decayed.
+    arrived: f64,
+    /// How late a missing packet may turn up and still count as arriving: about when a resend
+    /// would land (zero: no horizon set, nothing counts).
+    horizon: Duration,
     /// The latest `limit` given: what "in time" means.
     limit: Duration,
     /// Smoothed lateness of the packets that filled gaps.
@@ -217,10 +228,30 @@ impl Reorder {
         self.missing < MIN_EVIDENCE || self.recovered >= WORTH_HOLDING * self.missing
     }
 
+    /// Whether the packets missing on the fast path mostly never turn up, or later than a
+    /// resend would (the horizon): what a second path too small for the copies looks like
+    /// (it drops and queues them), as opposed to one that is only slow, whose copies all come,
+    /// late, but before a resend could.
+    pub fn copies_missing(&self) -> bool {
+        self.missing >= MIN_REPAIR_EVIDENCE && self.arrived < COPIES_ARRIVE * self.missing
+    }
+
+    /// The decayed evidence: packets found missing, of those turned up in time to hold for,
+    /// and turned up within the horizon (for status).
+    pub fn evidence(&self) -> (f64, f64, f64) {
+        (self.missing, self.recovered, self.arrived)
+    }
+
+    /// Sets the horizon of [`Reorder::copies_missing`].
+    pub fn set_horizon(&mut self, horizon: Duration) {
+        self.horizon = horizon;
+    }
+
     /// Forgets what was learned of missing packets: the sender changed how it fills gaps.
     pub fn reset_evidence(&mut self) {
         self.missing = 0.0;
         self.recovered = 0.0;
+        self.arrived = 0.0;
         self.lateness = None;
     }
 
@@ -272,11 +303,15 @@ impl Reorder {
         if self.missing > EVIDENCE_WINDOW {
             self.missing /= 2.0;
             self.recovered /= 2.0;
+            self.arrived /= 2.0;
         }
     }
 
     /// A missing packet turned up `late` after its gap opened.
     fn note_late(&mut self, late: Duration) {
+        if late <= self.horizon {
+            self.arrived += 1.0;
+        }
         if late > self.limit.max(MIN_HOLD) {
             return;
         }
@@ -362,6 +397,37 @@ mod tests {
         assert_eq!(r.take_gaps(), None);
         r.push(2, 2, &[2], HOLD, now);
         assert_eq!(r.take_gaps(), Some((2, vec![(1, 1)])));
+    }
+
+    #[test]
+    fn slow_copies_arrive_and_dropped_copies_go_missing() {
+        let now = Instant::now();
+        // A slow second path: every copy comes, 40 ms late (past the 30 ms limit, within
+        // the 80 ms horizon).
+        let mut slow = Reorder::default();
+        slow.set_horizon(Duration::from_millis(80));
+        // A small second path: two copies in three never come.
+        let mut small = Reorder::default();
+        small.set_horizon(Duration::from_millis(80));
+        let late = Duration::from_millis(40);
+        for i in 0..120u64 {
+            let t = now + Duration::from_millis(i * 100);
+            for r in [&mut slow, &mut small] {
+                r.push(1, 3 * i, &[0], HOLD, t);
+                // 3i + 1 lost on the fast path; 3i + 2 arrives.
+                r.push(1, 3 * i + 2, &[2], HOLD, t);
+                r.poll_expired(t + HOLD);
+            }
+            slow.push(1, 3 * i + 1, &[1], HOLD, t + late);
+            if i % 3 == 0 {
+                small.push(1, 3 * i + 1, &[1], HOLD, t + late);
+            }
+        }
+        assert!(!slow.copies_missing(), "slow copies arrive");
+        assert!(!slow.worth_holding(), "but too late to hold for");
+        assert!(small.copies_missing());
+        slow.reset_evidence();
+        assert!(slow.worth_holding() && !slow.copies_missing());
     }
 
     #[test]

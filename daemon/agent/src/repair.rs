@@ -6,18 +6,24 @@
 //! drop on it, arrive too late to fill the gaps, and the active path's losses reach TCP.
 //!
 //! The receiver decides, because it sees the outcome: its reorder buffer ([`crate::reorder`])
-//! measures whether missing packets turn up in time. While the peer is in redundant mode it
-//! sends a nack for every gap it sees, and each nack carries its wish ([`Judge`]):
+//! measures whether missing packets turn up, and how late. While the peer is in redundant mode
+//! it sends a nack for every gap it sees, and each nack carries its wish ([`Judge`]):
 //! - *copies* (flag clear): the sender copies everything and ignores the ranges;
-//! - *repair* (flag `copies late`, wished when copies stopped filling gaps in time): the sender
+//! - *repair* (flag `copies late`, wished when half or more of the missing packets never turn
+//!   up, or later than a resend would: the second path drops or queues the copies): the sender
 //!   stops copying and resends exactly the nacked messages on the second path, once each
 //!   ([`Repair`]): about the loss rate of the active path instead of all of its traffic.
+//!
+//! A second path that is only slow (a satellite or congested LTE beside Wi-Fi) keeps copies:
+//! they all arrive, late, but a resend would arrive later still, and copies already in flight
+//! make a cut of the active path cost nothing.
 //!
 //! After a while the receiver wishes copies again (copies arrive sooner than resends, when the
 //! path has room); each failed try doubles the while, from [`FIRST_BACKOFF`] to
 //! [`MAX_BACKOFF`], and copies that hold for [`STABLE`] start it over. Evidence gathered in
-//! one mode says nothing of the other: it is cleared at each switch, once the messages sent
-//! before it have had time to land.
+//! one mode says nothing of the other: it is cleared at each switch, and when redundant mode
+//! begins (losses from before the copies started have none), once the messages sent before
+//! have had time to land.
 //!
 //! Resending is safe: it is the same ciphertext (WireGuard's replay window drops a second
 //! arrival), and only messages this node sent to that peer are resent, once each.
@@ -212,6 +218,8 @@ pub struct Judge {
     /// After a switch: evidence is cleared at this time, when what was sent before the switch
     /// has landed.
     settle_at: Option<Instant>,
+    /// Redundant mode has begun (and its first settling with it).
+    started: bool,
 }
 
 impl Default for Judge {
@@ -222,6 +230,7 @@ impl Default for Judge {
             copying_since: None,
             backoff: FIRST_BACKOFF,
             settle_at: None,
+            started: false,
         }
     }
 }
@@ -241,11 +250,17 @@ impl Judge {
         }
     }
 
-    /// Updates the wish at `now` from the reorder buffer's judgement (`worth_holding`: most
-    /// missing packets turned up in time, or too little evidence yet). `settle`: how long
-    /// messages sent before a switch may still arrive (the paths' RTTs). Returns true when
-    /// the caller must clear the buffer's evidence.
-    pub fn update(&mut self, now: Instant, worth_holding: bool, settle: Duration) -> bool {
+    /// Updates the wish at `now` from the reorder buffer's evidence (`copies_arrive`: most
+    /// packets missing on the fast path turn up within the two paths' RTTs, or too little
+    /// evidence yet). `settle`: how long messages sent before a switch may still arrive (the
+    /// paths' RTTs). Returns true when the caller must clear the buffer's evidence.
+    pub fn update(&mut self, now: Instant, copies_arrive: bool, settle: Duration) -> bool {
+        if !self.started {
+            // Losses from before the sender began copying have no copies: settle first.
+            self.started = true;
+            self.settle_at = Some(now + settle);
+            return true;
+        }
         let mut clear = false;
         if let Some(at) = self.settle_at {
             if now < at {
@@ -265,7 +280,7 @@ impl Judge {
             return clear;
         }
         // Evidence cleared just now says nothing yet.
-        if clear || worth_holding {
+        if clear || copies_arrive {
             return clear;
         }
         let failed_try = self
@@ -287,6 +302,7 @@ impl Judge {
         self.repair = false;
         self.until = None;
         self.settle_at = None;
+        self.started = false;
     }
 }
 
@@ -365,6 +381,17 @@ mod tests {
     fn the_receiver_wishes_repair_when_copies_come_late_and_retries_with_backoff() {
         let t0 = Instant::now();
         let mut j = Judge::default();
+        assert!(
+            j.update(t0, false, SETTLE),
+            "redundant mode begins: clear, then settle"
+        );
+        assert!(!j.update(t0, false, SETTLE));
+        assert!(
+            !j.wants_repair(),
+            "losses from before the copies do not count"
+        );
+        let t0 = t0 + SETTLE;
+        assert!(j.update(t0, true, SETTLE), "settled: evidence cleared");
         assert!(!j.update(t0, true, SETTLE), "copies fill the gaps");
         assert!(!j.wants_repair());
 

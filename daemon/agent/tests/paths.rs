@@ -141,6 +141,12 @@ fn burst_loss_turns_on_redundancy_and_delivery_stays_high() {
         report.delivery(from..reacted_at),
         lab.logs()
     );
+    // LTE is slower but has room: its copies all arrive, so the receiver never asks for
+    // selective repair instead (that is for a second path too small for the copies).
+    let st = lab.daemon_status("n1").unwrap();
+    let repair = &peer(&st, "n2")["repair"];
+    assert_eq!(repair["repairEntered"], 0, "{st:#}");
+    assert_eq!(repair["mode"], "copy", "{st:#}");
 }
 
 #[test]
