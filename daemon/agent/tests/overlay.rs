@@ -160,30 +160,38 @@ fn underlay_never_carries_plaintext() {
             inner.to_str().unwrap(),
         ],
     ));
-    std::thread::sleep(Duration::from_millis(500));
-    // ICMP payload filled with a marker pattern.
-    let out = lab
-        .exec(
-            "n1-p1",
-            &[
-                "ping",
-                "-c",
-                "5",
-                "-i",
-                "0.1",
-                "-W",
-                "1",
-                "-p",
-                "4d4953544e45544d41524b4552",
-                &b,
-            ],
-        )
-        .unwrap();
-    assert!(out.status.success());
-    std::thread::sleep(Duration::from_millis(300));
+    // ICMP payload filled with a marker pattern, sent until the inner capture has it: tcpdump
+    // takes a moment to start capturing, longer on a loaded machine, and a fixed sleep raced it.
+    let marker = b"MISTNETMARKER";
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = lab
+            .exec(
+                "n1-p1",
+                &[
+                    "ping",
+                    "-c",
+                    "3",
+                    "-i",
+                    "0.1",
+                    "-W",
+                    "1",
+                    "-p",
+                    "4d4953544e45544d41524b4552",
+                    &b,
+                ],
+            )
+            .unwrap();
+        assert!(out.status.success());
+        std::thread::sleep(Duration::from_millis(300));
+        let seen = std::fs::read(&inner)
+            .is_ok_and(|bytes| bytes.windows(marker.len()).any(|w| w == marker));
+        if seen || std::time::Instant::now() > deadline {
+            break;
+        }
+    }
     drop(cap_wire);
     drop(cap_inner);
-    let marker = b"MISTNETMARKER";
     let wire_bytes = std::fs::read(&wire).unwrap();
     let inner_bytes = std::fs::read(&inner).unwrap();
     assert!(
