@@ -115,49 +115,45 @@ fn render_paths(out: &mut String, status: &Value) {
         num(&status["nackBytesSent"])
     );
     let peers = status["peers"].as_array().cloned().unwrap_or_default();
-    header(
-        out,
-        "pathsel_repairing",
-        "gauge",
-        "1 while only lost packets are resent on the second path instead of copying all.",
-    );
-    for p in &peers {
-        let on = p["repair"]["mode"].as_str() == Some("repair");
-        let _ = writeln!(
-            out,
-            "pathsel_repairing{{peer=\"{}\"}} {}",
-            label(&p["name"]),
-            u8::from(on)
-        );
-    }
-    header(
-        out,
-        "pathsel_repair_resent_total",
-        "counter",
-        "Data messages resent on the second path at the peer's request.",
-    );
-    for p in &peers {
-        let _ = writeln!(
-            out,
-            "pathsel_repair_resent_total{{peer=\"{}\"}} {}",
-            label(&p["name"]),
-            p["repair"]["resent"].as_u64().unwrap_or(0)
-        );
-    }
-    header(
-        out,
-        "pathsel_redundant",
-        "gauge",
-        "1 while the peer's packets are sent on two paths.",
-    );
-    for p in &peers {
-        let on = p["paths"]["mode"].as_str() == Some("redundant");
-        let _ = writeln!(
-            out,
-            "pathsel_redundant{{peer=\"{}\"}} {}",
-            label(&p["name"]),
-            u8::from(on)
-        );
+    /// A per-peer value read from the peer's status.
+    type PeerValue = fn(&Value) -> u64;
+    let per_peer: [(Metric, PeerValue); 3] = [
+        (
+            Metric {
+                name: "pathsel_repairing",
+                kind: "gauge",
+                help: "1 while only lost packets are resent on the second path instead of copying all.",
+            },
+            |p| u64::from(p["repair"]["mode"].as_str() == Some("repair")),
+        ),
+        (
+            Metric {
+                name: "pathsel_repair_resent_total",
+                kind: "counter",
+                help: "Data messages resent on the second path at the peer's request.",
+            },
+            |p| p["repair"]["resent"].as_u64().unwrap_or(0),
+        ),
+        (
+            Metric {
+                name: "pathsel_redundant",
+                kind: "gauge",
+                help: "1 while the peer's packets are sent on two paths.",
+            },
+            |p| u64::from(p["paths"]["mode"].as_str() == Some("redundant")),
+        ),
+    ];
+    for (m, value) in per_peer {
+        header(out, m.name, m.kind, m.help);
+        for p in &peers {
+            let _ = writeln!(
+                out,
+                "{}{{peer=\"{}\"}} {}",
+                m.name,
+                label(&p["name"]),
+                value(p)
+            );
+        }
     }
     let gauges = [
         (

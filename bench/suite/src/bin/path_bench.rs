@@ -250,23 +250,14 @@ fn failover_trials(lab: &mut Lab, trials: usize) -> Result<(Trials, Vec<Duration
     for i in 0..trials {
         // Cut the network the active path is on (alternates as paths fail over and back),
         // once the other network's path is up again.
-        let net = match active(lab)? {
-            Some(a) if a.starts_with("lte0") => "lte0",
-            Some(_) | None => "wlan0",
-        };
+        let net = active_net(lab)?;
         let other = if net == "wlan0" { "lte0" } else { "wlan0" };
         wait_path_up(lab, other, 8)?;
         // A path just won back still has the last cut's losses in its window, and while they
         // count the peer is in redundant mode, where a cut costs nothing: wait that out so
         // the trial measures a failover. Trials that still start redundant are kept apart.
         let redundant = wait_single(lab, 12)?;
-        let s = ProbeStream::start(
-            &lab.pod("n1-p1")?.netns,
-            &lab.pod("n2-p1")?.netns,
-            pod_ip(lab, "n2-p1")?,
-            PROBE_PORT,
-            Duration::from_millis(5),
-        )?;
+        let s = probe_stream(lab)?;
         std::thread::sleep(Duration::from_millis(300));
         lab.link_spec_on(net, "n1", "n2", "down")?;
         std::thread::sleep(CUT);
@@ -378,23 +369,12 @@ fn tcp(lab: &Lab, secs: u32) -> Result<f64> {
 /// Probe bytes/s n1 sends to its one peer: idle (no data for > 5 s), and busy (a 5 ms
 /// stream, whose own bytes are not counted: only `pathStats.probe_bytes_sent`).
 fn probe_overhead(lab: &Lab) -> Result<Value> {
-    let bytes = |lab: &Lab| -> Result<f64> {
-        let st = lab.daemon_status("n1")?;
-        st["pathStats"]["probe_bytes_sent"]
-            .as_f64()
-            .context("pathStats.probe_bytes_sent")
-    };
+    let bytes = probe_bytes;
     std::thread::sleep(Duration::from_secs(6));
     let (b0, t0) = (bytes(lab)?, Instant::now());
     std::thread::sleep(Duration::from_secs(8));
     let idle = (bytes(lab)? - b0) / t0.elapsed().as_secs_f64();
-    let s = ProbeStream::start(
-        &lab.pod("n1-p1")?.netns,
-        &lab.pod("n2-p1")?.netns,
-        pod_ip(lab, "n2-p1")?,
-        PROBE_PORT,
-        Duration::from_millis(5),
-    )?;
+    let s = probe_stream(lab)?;
     std::thread::sleep(Duration::from_secs(1));
     let (b0, t0) = (bytes(lab)?, Instant::now());
     std::thread::sleep(Duration::from_secs(4));
@@ -431,27 +411,12 @@ fn wait(lab: &Lab, ok: impl Fn(&str) -> bool, secs: u64) -> Result<()> {
 /// (a 5 ms stream flowing): its probes go unanswered, so it is in doubt (probed every 20 ms)
 /// time and again; redundancy adds the receiver's nacks, reported beside.
 fn doubt_overhead(lab: &mut Lab) -> Result<(f64, f64)> {
-    let probe_bytes = |lab: &Lab| -> Result<f64> {
-        let st = lab.daemon_status("n1")?;
-        st["pathStats"]["probe_bytes_sent"]
-            .as_f64()
-            .context("pathStats.probe_bytes_sent")
-    };
     let nack_bytes = |lab: &Lab| -> Result<f64> {
         let st = lab.daemon_status("n2")?;
         st["nackBytesSent"].as_f64().context("nackBytesSent")
     };
-    let net = match active(lab)? {
-        Some(a) if a.starts_with("lte0") => "lte0",
-        Some(_) | None => "wlan0",
-    };
-    let s = ProbeStream::start(
-        &lab.pod("n1-p1")?.netns,
-        &lab.pod("n2-p1")?.netns,
-        pod_ip(lab, "n2-p1")?,
-        PROBE_PORT,
-        Duration::from_millis(5),
-    )?;
+    let net = active_net(lab)?;
+    let s = probe_stream(lab)?;
     lab.link_spec_on(net, "n1", "n2", "loss=20%")?;
     std::thread::sleep(Duration::from_secs(2));
     let (b0, n0, t0) = (probe_bytes(lab)?, nack_bytes(lab)?, Instant::now());
@@ -462,6 +427,33 @@ fn doubt_overhead(lab: &mut Lab) -> Result<(f64, f64)> {
     drop(s);
     lab.link_spec_on(net, "n1", "n2", "loss=0%")?;
     Ok((probes, nacks))
+}
+
+/// The network n1's active path to n2 is on.
+fn active_net(lab: &Lab) -> Result<&'static str> {
+    Ok(match active(lab)? {
+        Some(a) if a.starts_with("lte0") => "lte0",
+        Some(_) | None => "wlan0",
+    })
+}
+
+/// A UDP probe every 5 ms from n1-p1 to n2-p1.
+fn probe_stream(lab: &Lab) -> Result<ProbeStream> {
+    ProbeStream::start(
+        &lab.pod("n1-p1")?.netns,
+        &lab.pod("n2-p1")?.netns,
+        pod_ip(lab, "n2-p1")?,
+        PROBE_PORT,
+        Duration::from_millis(5),
+    )
+}
+
+/// Probe bytes n1 has sent (`pathStats.probe_bytes_sent`).
+fn probe_bytes(lab: &Lab) -> Result<f64> {
+    let st = lab.daemon_status("n1")?;
+    st["pathStats"]["probe_bytes_sent"]
+        .as_f64()
+        .context("pathStats.probe_bytes_sent")
 }
 
 /// Waits up to `secs` for n1's peer to leave redundant mode; true if it did not.
