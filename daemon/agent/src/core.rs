@@ -335,7 +335,8 @@ impl Core {
     ) -> Verdict {
         let (hold, buf) = self.reorder.entry(peer).or_default();
         let verdict = buf.push(session, counter, packet, *hold, now);
-        if !hold.is_zero() && self.repair_enabled && !self.nack_due.contains(&peer) {
+        // Gaps are recorded only in redundant mode; the check per packet is one length test.
+        if buf.has_gaps() && self.repair_enabled && !self.nack_due.contains(&peer) {
             self.nack_due.push(peer);
         }
         verdict

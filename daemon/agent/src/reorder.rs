@@ -214,6 +214,11 @@ impl Reorder {
         self.held.values().map(|(d, _)| *d).min()
     }
 
+    /// Whether gaps were seen since the last [`Reorder::take_gaps`].
+    pub fn has_gaps(&self) -> bool {
+        !self.gaps.is_empty()
+    }
+
     /// The gaps seen since the last call (in redundant mode), with their session: what to ask
     /// the peer to resend.
     pub fn take_gaps(&mut self) -> Option<(u32, Vec<(u64, u16)>)> {

@@ -616,26 +616,11 @@ where
         now: Instant,
     ) -> Result<P, Error> {
         let probe = wire::decode_probe(bytes)?;
-        if let Some(outer) = expect_sender
-            && outer != probe.sender
-        {
-            return Err(Error::SenderMismatch {
-                outer,
-                inner: probe.sender,
-            });
-        }
-        let id = self
-            .by_id
-            .get(&probe.sender)
-            .cloned()
-            .ok_or(Error::UnknownSender(probe.sender))?;
+        let id = self.authenticate(probe.sender, expect_sender, |k| probe.verify(k))?;
         let peer = self
             .peers
             .get_mut(&id)
             .ok_or(Error::UnknownSender(probe.sender))?;
-        if !probe.verify(&peer.keys.mac_key) {
-            return Err(Error::BadMac(probe.sender));
-        }
         let ctx = &mut self.ctx;
         ctx.stats.probe_bytes_received += bytes.len() as u64;
         let path = PathId { local, via };
@@ -649,33 +634,41 @@ where
         Ok(id)
     }
 
+    /// The peer a MACed message comes from: `sender` must be the envelope's sender when it
+    /// came through a relay (`expect_sender`), a known peer, and its key must verify the MAC.
+    fn authenticate(
+        &self,
+        sender: ShortId,
+        expect_sender: Option<ShortId>,
+        verify: impl FnOnce(&wire::MacKey) -> bool,
+    ) -> Result<P, Error> {
+        if let Some(outer) = expect_sender
+            && outer != sender
+        {
+            return Err(Error::SenderMismatch {
+                outer,
+                inner: sender,
+            });
+        }
+        let id = self
+            .by_id
+            .get(&sender)
+            .cloned()
+            .ok_or(Error::UnknownSender(sender))?;
+        let peer = self.peers.get(&id).ok_or(Error::UnknownSender(sender))?;
+        if !verify(&peer.keys.mac_key) {
+            return Err(Error::BadMac(sender));
+        }
+        Ok(id)
+    }
+
     fn handle_nack(
         &mut self,
         bytes: &[u8],
         expect_sender: Option<ShortId>,
     ) -> Result<Handled<P, L>, Error> {
         let signed = wire::decode_nack(bytes)?;
-        if let Some(outer) = expect_sender
-            && outer != signed.sender
-        {
-            return Err(Error::SenderMismatch {
-                outer,
-                inner: signed.sender,
-            });
-        }
-        let peer = self
-            .by_id
-            .get(&signed.sender)
-            .cloned()
-            .ok_or(Error::UnknownSender(signed.sender))?;
-        let keys = &self
-            .peers
-            .get(&peer)
-            .ok_or(Error::UnknownSender(signed.sender))?
-            .keys;
-        if !signed.verify(&keys.mac_key) {
-            return Err(Error::BadMac(signed.sender));
-        }
+        let peer = self.authenticate(signed.sender, expect_sender, |k| signed.verify(k))?;
         self.ctx.stats.nacks_received += 1;
         Ok(Handled::Nack {
             peer,

@@ -23,6 +23,8 @@ use mistlab::{Lab, LabSpec, ProbeStream, ns};
 use serde_json::{Value, json};
 
 const PROBE_PORT: u16 = 9400;
+/// 20 % Gilbert-Elliott loss in bursts of 5 packets on average (p/(p+r) = 0.2, r = 0.2).
+const BURST_LOSS: &str = "ge=5%,20%,0%,100%";
 /// How long a cut link stays cut in a failover trial (and the "never recovered" horizon).
 const CUT: Duration = Duration::from_millis(1500);
 
@@ -100,7 +102,7 @@ fn main() -> Result<()> {
             &topology("delay=5ms rate=40mbit", "delay=15ms rate=20mbit"),
             &bin_dir,
         )?;
-        goodput = goodput_rows(&mut lab, args.seconds)?;
+        goodput = goodput_rows(&mut lab, args.seconds, true)?;
         lab.down()?;
         // The other reading of "a clean, slower second path": as fast, but 3× the delay.
         eprintln!("goodput under 20 % burst loss, second path of equal capacity ...");
@@ -109,20 +111,8 @@ fn main() -> Result<()> {
             &topology("delay=5ms rate=40mbit", "delay=15ms rate=40mbit"),
             &bin_dir,
         )?;
-        let clean = tcp(&lab, args.seconds)?;
-        lab.link_spec_on("wlan0", "n1", "n2", "ge=5%,20%,0%,100%")?;
-        let auto = tcp(&lab, args.seconds)?;
-        set_paths(&mut lab, "repair = false")?;
-        let copy_only = tcp(&lab, args.seconds)?;
+        equal = goodput_rows(&mut lab, args.seconds, false)?;
         lab.down()?;
-        equal = vec![
-            ("clean links (mistnet)".to_owned(), clean),
-            ("20 % burst loss, redundancy auto".to_owned(), auto),
-            (
-                "20 % burst loss, redundancy auto, repair off (copies only)".to_owned(),
-                copy_only,
-            ),
-        ];
     }
 
     let mut out = std::io::stdout().lock();
@@ -177,7 +167,7 @@ fn main() -> Result<()> {
         goodput_table(
             &mut out,
             &format!(
-                "TCP goodput pod → pod, {} s, wlan0 20 % burst loss (ge=5%,20%,0%,100%), lte0 clean",
+                "TCP goodput pod → pod, {} s, wlan0 20 % burst loss ({BURST_LOSS}), lte0 clean",
                 args.seconds
             ),
             &goodput,
@@ -286,12 +276,13 @@ fn failover_trials(lab: &mut Lab, trials: usize) -> Result<(Trials, Vec<Duration
     Ok((out, in_redundant_mode))
 }
 
-/// TCP goodput rows: clean, then 20 % burst loss on wlan0 with redundancy auto, off, and a
-/// single path (selection off: the first endpoint, on wlan0).
-fn goodput_rows(lab: &mut Lab, secs: u32) -> Result<Vec<(String, f64)>> {
+/// TCP goodput rows: clean, then 20 % burst loss on wlan0 with redundancy auto, with copies
+/// only, and (`all`) with redundancy off and a single path (selection off: the first
+/// endpoint, on wlan0).
+fn goodput_rows(lab: &mut Lab, secs: u32, all: bool) -> Result<Vec<(String, f64)>> {
     let mut rows = Vec::new();
     rows.push(("clean links (mistnet)".to_owned(), tcp(lab, secs)?));
-    lab.link_spec_on("wlan0", "n1", "n2", "ge=5%,20%,0%,100%")?;
+    lab.link_spec_on("wlan0", "n1", "n2", BURST_LOSS)?;
     rows.push((
         "20 % burst loss, redundancy auto".to_owned(),
         tcp(lab, secs)?,
@@ -301,6 +292,9 @@ fn goodput_rows(lab: &mut Lab, secs: u32) -> Result<Vec<(String, f64)>> {
         "20 % burst loss, redundancy auto, repair off (copies only)".to_owned(),
         tcp(lab, secs)?,
     ));
+    if !all {
+        return Ok(rows);
+    }
     set_paths(lab, "redundancy = \"off\"")?;
     rows.push((
         "20 % burst loss, redundancy off".to_owned(),
